@@ -1,0 +1,137 @@
+"""Shared pieces of the experiment configs: the default groups and the argument forms.
+
+Every file under configs/ builds its ConfigDict from `base_config()` and reads its
+argument through `parse_arg`, so the short forms of DESIGN.md (`local`, `sift=`,
+`sparsity=`, `rule=`, `seed=`) mean the same thing in every experiment family.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SHORT_FORMS = ('sift', 'sparsity', 'rule', 'seed')
+
+# Keys that only say how long a run is or how often it reports; a resumed run may change them.
+RUN_LENGTH_KEYS = (
+  'total_steps',
+  'log_every_steps',
+  'eval_every_steps',
+  'checkpoint_every_steps',
+  'checkpoint.keep',
+  'eval.max_examples',
+  'progress',
+)
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+  """'local,sift=wide,sparsity=0.75' -> {'local': True, 'sift': 'wide', 'sparsity': '0.75'}."""
+  out: dict[str, str | bool] = {'local': False}
+  for part in (arg or '').split(','):
+    part = part.strip()
+    if not part:
+      continue
+    if '=' in part:
+      key, value = part.split('=', 1)
+      if key not in SHORT_FORMS:
+        raise ValueError(
+          f'unknown config argument {key!r} in {arg!r}; allowed: local, '
+          + ', '.join(f'{k}=' for k in SHORT_FORMS)
+        )
+      out[key] = value
+    elif part == 'local':
+      out['local'] = True
+    else:
+      raise ValueError(
+        f'unknown config argument {part!r} in {arg!r}; allowed: local, '
+        + ', '.join(f'{k}=' for k in SHORT_FORMS)
+      )
+  return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by every experiment family; each config file overrides what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 128  # global, over all devices and hosts
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.progress = True  # one progress line per log step on stdout
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'mlp'
+  c.model.remat = False  # rematerialise block activations (saves memory for wide models)
+  c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU (params stay float32)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'digits'
+  c.data.dir = ''  # '' = $SIFT_DATA_DIR, else the user cache folder
+  c.data.train_files = ''  # text_files: comma-separated glob patterns
+  c.data.eval_files = ''
+  c.data.seq_len = 0  # text: tokens per example (0 = the model's context length)
+  c.data.augment = True  # images: the dataset's standard training augmentation
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.max_examples = 0  # 0 = the whole eval split
+  c.eval.batch_size = 0  # 0 = batch_size
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'sgd'  # sgd | adamw
+  c.optim.lr = 0.1  # peak learning rate
+  c.optim.schedule = 'constant'  # constant | multistep | cosine
+  c.optim.warmup_steps = 0
+  c.optim.decay_fractions = (0.3, 0.6, 0.8)  # multistep: where lr is multiplied by decay_factor
+  c.optim.decay_factor = 0.2
+  c.optim.end_lr = 0.0  # cosine: final learning rate
+  c.optim.momentum = 0.9  # sgd
+  c.optim.nesterov = False
+  c.optim.b1 = 0.9  # adamw
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.decay_norm_and_bias = True  # False: no weight decay on BatchNorm/LayerNorm and biases
+  c.optim.clip_norm = 0.0  # global gradient norm clip; 0 = off
+  c.optim.label_smoothing = 0.0
+  c.optim.grad_accum_steps = 1
+
+  c.sparsity = ml_collections.ConfigDict()
+  c.sparsity.rule = 'dense'  # dense | static | set | rigl | topkast | gse | gmp
+  c.sparsity.level = 0.0  # the one sparsity s
+  c.sparsity.backward_level = 0.0  # Top-KAST backward-set sparsity (<= level)
+  c.sparsity.distribution = 'uniform'  # uniform | erk
+  c.sparsity.update_every_steps = 100  # dT
+  c.sparsity.start_step = 0
+  c.sparsity.end_fraction = 0.75  # updates stop at this fraction of total_steps
+  c.sparsity.drop_fraction = 0.3  # f_0
+
+  c.sift = ml_collections.ConfigDict()
+  c.sift.name = 'dense'  # dense | wide | parallel | factorized | doped
+  c.sift.match_flops = False
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.keep = 3  # keep the last K checkpoints
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = every device not used by fsdp
+  c.mesh.fsdp = 1
+  return c
+
+
+def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool]) -> None:
+  """Applies `sift=`, `sparsity=`, `rule=`, `seed=` to a config in place."""
+  if 'seed' in args:
+    c.seed = int(args['seed'])
+  if 'sift' in args:
+    c.sift.name = str(args['sift'])
+  if 'sparsity' in args:
+    c.sparsity.level = float(args['sparsity'])
+    if 'rule' not in args and c.sparsity.rule == 'dense':
+      c.sparsity.rule = 'static'
+  if 'rule' in args:
+    c.sparsity.rule = str(args['rule'])
+  if c.sparsity.rule == 'dense' and c.sparsity.level > 0:
+    raise ValueError(
+      f'rule=dense with sparsity={c.sparsity.level}: a dense run has no sparsity; '
+      'pick a rule (static, set, rigl, topkast, gse, gmp) or drop sparsity='
+    )
