@@ -1,0 +1,430 @@
+"""The one trainer: `train_and_evaluate(config, workdir)`.
+
+Read top to bottom: check the config, build data, model, optimizer and sparsity
+rule, initialise or resume the state, then loop over jitted steps with logging,
+evaluation and checkpoints, and write the run's summary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from sift_jax import checkpointing, data, flops, models, optim, sharding, sparsity
+from sift_jax import metrics as metrics_lib
+from sift_jax.config_lib import RUN_LENGTH_KEYS
+from sift_jax.models.layers import sparse_kernel_paths
+from sift_jax.state import TrainState
+
+MODES = ('train', 'eval')
+
+
+class NonFiniteLossError(RuntimeError):
+  """Training produced a NaN or Inf; nothing after the last good checkpoint is saved."""
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  """Checks the top-level keys; each subsystem checks its own group when it is built."""
+  for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    if not isinstance(c[key], int) or c[key] < 0:
+      raise ValueError(f'{key}={c[key]!r} must be a non-negative integer')
+  if c.total_steps == 0:
+    raise ValueError('total_steps=0: nothing to train (it must be a positive integer)')
+  if c.log_every_steps == 0:
+    raise ValueError('log_every_steps=0 must be a positive integer')
+  accum = c.optim.grad_accum_steps
+  if accum < 1 or c.batch_size % accum:
+    raise ValueError(
+      f'optim.grad_accum_steps={accum} must be a positive divisor of batch_size={c.batch_size}'
+    )
+
+
+def use_compilation_cache() -> None:
+  """A persistent XLA cache, so reruns and the test suite do not recompile the same steps."""
+  cache = os.environ.get('SIFT_JAX_COMPILATION_CACHE') or os.path.join(
+    os.path.expanduser('~'), '.cache', 'sift_jax', 'xla'
+  )
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  """Per-position cross-entropy in float32; logits (..., V), labels (...)."""
+  logits = logits.astype(jnp.float32)
+  if label_smoothing == 0:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def inputs_and_labels(batch: dict[str, jax.Array], kind: str) -> tuple[jax.Array, jax.Array]:
+  if kind == 'text':
+    return batch['inputs'], batch['targets']  # (B, T), (B, T)
+  return batch['image'], batch['label']  # (B, H, W, C), (B,)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def make_train_step(model, tx, schedule, rule, kind: str, c: ml_collections.ConfigDict):
+  """Returns the pure step (state, batch) -> (state, metrics); the caller jits it."""
+  accum = c.optim.grad_accum_steps
+  smoothing = c.optim.label_smoothing
+
+  def loss_fn(fwd_params, model_state, batch, rng):
+    x, y = inputs_and_labels(batch, kind)
+    logits, new_model_state = model.apply(
+      {'params': fwd_params, **model_state},
+      x,
+      train=True,
+      rngs={'dropout': rng},
+      mutable=list(model_state),
+    )
+    loss = cross_entropy(logits, y, smoothing).mean()
+    correct = (logits.argmax(-1) == y).mean()
+    return loss, (new_model_state, correct)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    fwd = rule.forward_params(state.sparsity, state.params)
+
+    def micro_step(carry, micro):
+      model_state, grads, loss, correct, i = carry
+      (loss_i, (model_state, acc)), g = grad_fn(fwd, model_state, micro, jax.random.fold_in(rng, i))
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (model_state, grads, loss + loss_i, correct + acc, i + 1), None
+
+    # Microbatch j takes rows j, j + A, j + 2A, ...: each device keeps its own rows.
+    micro = jax.tree.map(
+      lambda v: jnp.moveaxis(v.reshape(v.shape[0] // accum, accum, *v.shape[1:]), 1, 0), batch
+    )
+    zeros = jax.tree.map(jnp.zeros_like, fwd)
+    init = (state.model_state, zeros, 0.0, 0.0, 0)
+    (model_state, g_fwd, loss, correct, _), _ = jax.lax.scan(micro_step, init, micro)
+    g_fwd = jax.tree.map(lambda g: g / accum, g_fwd)
+
+    grads = rule.param_grads(state.sparsity, state.params, g_fwd)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = rule.mask_updates(state.sparsity, updates)
+    params = optax.apply_updates(state.params, updates)
+    sstate, params, opt_state = rule.update(
+      state.sparsity, params, g_fwd, opt_state, state.step, rng
+    )
+    new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      model_state=model_state,
+      opt_state=opt_state,
+      sparsity=sstate,
+    )
+    step_metrics = {
+      'train/loss': loss / accum,
+      'train/accuracy': correct / accum,
+      'train/grad_norm': optax.global_norm(g_fwd),
+      'train/lr': schedule(state.step),
+      **rule.metrics(sstate),
+    }
+    return new_state, step_metrics
+
+  return step
+
+
+def make_eval_step(model, rule, kind: str):
+  """Returns (state, batch) -> sums of loss, correct predictions and weight over the batch."""
+
+  def step(state: TrainState, batch: dict[str, jax.Array]):
+    x, y = inputs_and_labels(batch, kind)
+    fwd = rule.forward_params(state.sparsity, state.params)
+    logits = model.apply({'params': fwd, **state.model_state}, x, train=False)
+    loss = cross_entropy(logits, y, 0.0)
+    correct = (logits.argmax(-1) == y).astype(jnp.float32)
+    w = batch['weights']  # (B,): 0 for padding rows
+    if kind == 'text':
+      w = jnp.broadcast_to(w[:, None], y.shape)  # (B, T)
+    return {'loss': (loss * w).sum(), 'correct': (correct * w).sum(), 'weight': w.sum()}
+
+  return step
+
+
+def evaluate(eval_step, state: TrainState, dataset, mesh) -> dict[str, float]:
+  totals = {'loss': 0.0, 'correct': 0.0, 'weight': 0.0}
+  for local in dataset.eval_batches():
+    sums = jax.device_get(eval_step(state, sharding.global_batch(mesh, local)))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  if totals['weight'] == 0:
+    raise ValueError('the eval split is empty (check eval.max_examples and the data)')
+  loss = totals['loss'] / totals['weight']
+  out = {'eval/loss': loss, 'eval/accuracy': totals['correct'] / totals['weight']}
+  if dataset.kind == 'text':
+    out['eval/perplexity'] = float(np.exp(min(loss, 80.0)))
+  return out
+
+
+# --------------------------------------------------------------------------- workdir
+
+
+def flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir whose saved config differs in more than run-length keys."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  new = flatten(json.loads(c.to_json()))
+  old = flatten(saved)
+  diff = sorted(
+    k for k in set(new) | set(old) if k not in RUN_LENGTH_KEYS and new.get(k) != old.get(k)
+  )
+  if diff:
+    details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff[:10])
+    raise ValueError(
+      f'workdir {workdir} holds a run with a different config ({details}); only run-length '
+      f'keys ({", ".join(RUN_LENGTH_KEYS)}) may change on resume. Use a new --workdir.'
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mode: str = 'train'
+) -> dict[str, Any]:
+  """Trains (or, with mode='eval', evaluates the latest checkpoint); returns the summary."""
+  if mode not in MODES:
+    raise ValueError(f'unknown mode {mode!r}; known: {", ".join(MODES)}')
+  t_start = time.time()
+  validate_config(config)
+  use_compilation_cache()
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir)
+
+  mesh = sharding.make_mesh(config)
+  sharding.check_batch_size(config.batch_size, mesh)
+  eval_batch_size = config.eval.batch_size or config.batch_size
+  sharding.check_batch_size(eval_batch_size, mesh, 'eval.batch_size')
+  dataset = data.build_dataset(
+    config, process_index=jax.process_index(), process_count=jax.process_count()
+  )
+  model = models.build_model(config, dataset.meta)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  x_spec = models.example_input(config, dataset.meta, batch_size=1)
+  abstract_vars = jax.eval_shape(
+    functools.partial(model.init, train=False), jax.random.key(0), x_spec
+  )
+  rule = sparsity.make_rule(config, abstract_vars['params'], sparse_kernel_paths(abstract_vars))
+  metrics_lib.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+
+  def init_state(rng) -> TrainState:
+    k_init, k_sparse, k_train = jax.random.split(rng, 3)
+    variables = model.init(k_init, jnp.zeros(x_spec.shape, x_spec.dtype), train=False)
+    variables = dict(variables)
+    params = variables.pop('params')
+    variables.pop('sparse', None)
+    sstate, params = rule.init(params, k_sparse)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      model_state=variables,
+      opt_state=tx.init(params),
+      sparsity=sstate,
+      rng=k_train,
+    )
+
+  rng = jax.random.PRNGKey(config.seed)
+  abstract_state = jax.eval_shape(init_state, rng)
+  state_sharding = sharding.state_shardings(mesh, abstract_state)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
+  restored = ckpt.restore_latest(
+    jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state,
+      state_sharding,
+    )
+  )
+  if restored is None:
+    if mode == 'eval':
+      raise FileNotFoundError(f'--mode=eval needs a checkpoint; {ckpt.directory} has none')
+    state = jax.jit(init_state, out_shardings=state_sharding)(rng)
+    start_step = 0
+  else:
+    state, start_step = restored
+    logging.info('resumed from %s at step %d', ckpt.directory, start_step)
+
+  eval_step = jax.jit(make_eval_step(model, rule, dataset.kind))
+  writer = metrics_lib.MetricWriter(workdir)
+  flop_report = flops.count_forward_flops(model, config, dataset.meta)
+  try:
+    if mode == 'eval':
+      final = evaluate(eval_step, state, dataset, mesh)
+      writer.write(start_step, final)
+      logging.info('eval at step %d: %s', start_step, final)
+      return final
+    last = train_loop(
+      config,
+      workdir,
+      state,
+      start_step,
+      model,
+      tx,
+      schedule,
+      rule,
+      dataset,
+      mesh,
+      eval_step,
+      ckpt,
+      writer,
+      flop_report,
+    )
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  state, final = last
+  summary = {
+    **final,
+    **run_facts(state, rule, flop_report, config),
+    'resumed_from_step': start_step,
+    'wall_time_s': time.time() - t_start,
+    'device_kind': jax.devices()[0].device_kind,
+    'device_count': jax.device_count(),
+    'process_count': jax.process_count(),
+    **metrics_lib.provenance(),
+  }
+  metrics_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  return summary
+
+
+def train_loop(
+  config,
+  workdir,
+  state,
+  start_step,
+  model,
+  tx,
+  schedule,
+  rule,
+  dataset,
+  mesh,
+  eval_step,
+  ckpt,
+  writer,
+  flop_report,
+):
+  """Runs steps start_step+1 .. total_steps; returns (final state, final metrics)."""
+  total = config.total_steps
+  step_fn = jax.jit(
+    make_train_step(model, tx, schedule, rule, dataset.kind, config), donate_argnums=(0,)
+  )
+  unit = 'tokens' if dataset.kind == 'text' else 'examples'
+  tokens_per_example = dataset.meta.get('seq_len', 1)
+  progress = metrics_lib.Progress(total, start_step, unit)
+  final: dict[str, Any] = {}
+  batches = dataset.train_iterator(start_step)
+  t_last, s_last = time.perf_counter(), start_step
+  for step in range(start_step + 1, total + 1):
+    state, step_metrics = step_fn(state, sharding.global_batch(mesh, next(batches)))
+    is_log = step % config.log_every_steps == 0 or step == total
+    is_eval = (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total
+    is_ckpt = (
+      config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+    ) or step == total
+    if not (is_log or is_eval or is_ckpt):
+      continue
+    scalars = jax.device_get(step_metrics)  # the only device-to-host transfer of a step
+    if not (np.isfinite(scalars['train/loss']) and np.isfinite(scalars['train/grad_norm'])):
+      raise NonFiniteLossError(
+        f'step {step}: train/loss={scalars["train/loss"]}, '
+        f'train/grad_norm={scalars["train/grad_norm"]}; lower optim.lr or raise '
+        f'optim.clip_norm. Checkpoints up to step {ckpt.steps()[-1] if ckpt.steps() else 0} '
+        'are kept untouched.'
+      )
+    row = dict(scalars)
+    if is_log:
+      now = time.perf_counter()
+      dt = (now - t_last) / (step - s_last)
+      t_last, s_last = now, step
+      row['train/step_time_s'] = dt
+      row['train/examples_per_s'] = config.batch_size / dt
+      if dataset.kind == 'text':
+        row['train/tokens_per_s'] = config.batch_size * tokens_per_example / dt
+      row['flops/train_per_example'] = train_flops(rule, flop_report, row, config)
+    if is_eval:
+      row.update(evaluate(eval_step, state, dataset, mesh))
+    writer.write(step, row)
+    final.update(row)
+    if is_log and config.progress and jax.process_index() == 0:
+      print(
+        progress.line(step, {**row, f'train/{unit}_per_s': row.get(f'train/{unit}_per_s')}),
+        flush=True,
+      )
+    if is_ckpt:
+      ckpt.save(step, state)
+  return state, final
+
+
+def train_flops(rule, flop_report, scalars, config) -> float:
+  """Training FLOPs per example at the current per-layer densities (SPEC.md section 1)."""
+  densities = sparsity.layer_densities_from_metrics(scalars)
+  f_sparse = flop_report.at_densities(densities)
+  return flops.training_flops_per_example(
+    f_sparse,
+    flop_report.forward_dense,
+    config.sparsity.rule,
+    config.sparsity.update_every_steps,
+  )
+
+
+def run_facts(state, rule, flop_report, config) -> dict[str, Any]:
+  """Parameter counts, norms and FLOPs of the final state for summary.json."""
+  params = jax.device_get(state.params)
+  masks = jax.device_get(sparsity.masks_of(state.sparsity))
+  leaves = jax.tree.leaves(params)
+  total = int(sum(p.size for p in leaves))
+  layer_density = sparsity.layer_densities(masks)
+  mask_leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+  sparse = int(sum(m.size for m in mask_leaves))
+  active = total - sparse + int(sum(m.sum() for m in mask_leaves))
+  f_sparse = flop_report.at_densities(layer_density)
+  return {
+    'params/total': total,
+    'params/sparse': sparse,
+    'params/active': active,
+    'params/global_norm': float(optax.global_norm(params)),
+    'flops/forward_per_example': f_sparse,
+    'flops/forward_per_example_dense': flop_report.forward_dense,
+    'flops/train_per_example': flops.training_flops_per_example(
+      f_sparse,
+      flop_report.forward_dense,
+      config.sparsity.rule,
+      config.sparsity.update_every_steps,
+    ),
+    'sparsity/layer_density': {'/'.join(k): v for k, v in layer_density.items()},
+  }
