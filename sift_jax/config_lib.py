@@ -7,6 +7,9 @@ argument through `parse_arg`, so the short forms of DESIGN.md (`local`, `sift=`,
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 SHORT_FORMS = ('sift', 'sparsity', 'rule', 'seed')
@@ -135,3 +138,21 @@ def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool])
       f'rule=dense with sparsity={c.sparsity.level}: a dense run has no sparsity; '
       'pick a rule (static, set, rigl, topkast, gse, gmp) or drop sparsity='
     )
+
+
+def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """Loads `get_config(arg)` from a config file by path (for notebooks, tests, derived configs)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'config file {path!r} does not exist')
+  name = 'sift_jax_config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def join_arg(args: dict[str, str | bool]) -> str:
+  """The inverse of `parse_arg`."""
+  parts = ['local'] if args.get('local') else []
+  parts += [f'{k}={v}' for k, v in args.items() if k != 'local']
+  return ','.join(parts)
