@@ -7,6 +7,7 @@ evaluation and checkpoints, and write the run's summary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -213,22 +214,42 @@ def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> None:
 # --------------------------------------------------------------------------- the run
 
 
-def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, mode: str = 'train'
-) -> dict[str, Any]:
-  """Trains (or, with mode='eval', evaluates the latest checkpoint); returns the summary."""
-  if mode not in MODES:
-    raise ValueError(f'unknown mode {mode!r}; known: {", ".join(MODES)}')
-  t_start = time.time()
-  validate_config(config)
-  use_compilation_cache()
-  os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(config, workdir)
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run builds from its config before the first step (benchmarks reuse it)."""
 
+  config: ml_collections.ConfigDict
+  mesh: Any
+  dataset: Any
+  model: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  rule: Any
+  init_state: Any  # rng -> TrainState
+  abstract_state: Any  # TrainState of ShapeDtypeStructs carrying the shardings
+  flop_report: Any
+
+  def new_state(self) -> TrainState:
+    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
+    return jax.jit(self.init_state, out_shardings=shardings)(jax.random.PRNGKey(self.config.seed))
+
+  def train_step(self):
+    """The jitted train step; it donates the state."""
+    step = make_train_step(
+      self.model, self.tx, self.schedule, self.rule, self.dataset.kind, self.config
+    )
+    return jax.jit(step, donate_argnums=(0,))
+
+  def eval_step(self):
+    return jax.jit(make_eval_step(self.model, self.rule, self.dataset.kind))
+
+
+def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Checks the config and builds mesh, data, model, optimizer, sparsity rule and FLOP count."""
+  validate_config(config)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh)
-  eval_batch_size = config.eval.batch_size or config.batch_size
-  sharding.check_batch_size(eval_batch_size, mesh, 'eval.batch_size')
+  sharding.check_batch_size(config.eval.batch_size or config.batch_size, mesh, 'eval.batch_size')
   dataset = data.build_dataset(
     config, process_index=jax.process_index(), process_count=jax.process_count()
   )
@@ -239,14 +260,12 @@ def train_and_evaluate(
     functools.partial(model.init, train=False), jax.random.key(0), x_spec
   )
   rule = sparsity.make_rule(config, abstract_vars['params'], sparse_kernel_paths(abstract_vars))
-  metrics_lib.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
 
   def init_state(rng) -> TrainState:
     k_init, k_sparse, k_train = jax.random.split(rng, 3)
-    variables = model.init(k_init, jnp.zeros(x_spec.shape, x_spec.dtype), train=False)
-    variables = dict(variables)
+    variables = dict(model.init(k_init, jnp.zeros(x_spec.shape, x_spec.dtype), train=False))
     params = variables.pop('params')
-    variables.pop('sparse', None)
+    variables.pop('sparse', None)  # the sparse-kernel declarations; the rule has read them
     sstate, params = rule.init(params, k_sparse)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -257,60 +276,65 @@ def train_and_evaluate(
       rng=k_train,
     )
 
-  rng = jax.random.PRNGKey(config.seed)
-  abstract_state = jax.eval_shape(init_state, rng)
-  state_sharding = sharding.state_shardings(mesh, abstract_state)
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
-  restored = ckpt.restore_latest(
-    jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state,
-      state_sharding,
-    )
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract,
+    sharding.state_shardings(mesh, abstract),
   )
+  return Experiment(
+    config=config,
+    mesh=mesh,
+    dataset=dataset,
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    rule=rule,
+    init_state=init_state,
+    abstract_state=abstract,
+    flop_report=flops.count_forward_flops(model, config, dataset.meta),
+  )
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, mode: str = 'train'
+) -> dict[str, Any]:
+  """Trains (or, with mode='eval', evaluates the latest checkpoint); returns the summary."""
+  if mode not in MODES:
+    raise ValueError(f'unknown mode {mode!r}; known: {", ".join(MODES)}')
+  t_start = time.time()
+  use_compilation_cache()
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir)
+  exp = build_experiment(config)
+  metrics_lib.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
+  restored = ckpt.restore_latest(exp.abstract_state)
   if restored is None:
     if mode == 'eval':
       raise FileNotFoundError(f'--mode=eval needs a checkpoint; {ckpt.directory} has none')
-    state = jax.jit(init_state, out_shardings=state_sharding)(rng)
-    start_step = 0
+    state, start_step = exp.new_state(), 0
   else:
     state, start_step = restored
     logging.info('resumed from %s at step %d', ckpt.directory, start_step)
 
-  eval_step = jax.jit(make_eval_step(model, rule, dataset.kind))
   writer = metrics_lib.MetricWriter(workdir)
-  flop_report = flops.count_forward_flops(model, config, dataset.meta)
   try:
     if mode == 'eval':
-      final = evaluate(eval_step, state, dataset, mesh)
+      final = evaluate(exp.eval_step(), state, exp.dataset, exp.mesh)
       writer.write(start_step, final)
       logging.info('eval at step %d: %s', start_step, final)
       return final
-    last = train_loop(
-      config,
-      workdir,
-      state,
-      start_step,
-      model,
-      tx,
-      schedule,
-      rule,
-      dataset,
-      mesh,
-      eval_step,
-      ckpt,
-      writer,
-      flop_report,
-    )
+    state, final = train_loop(exp, workdir, state, start_step, ckpt, writer)
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
 
-  state, final = last
   summary = {
     **final,
-    **run_facts(state, rule, flop_report, config),
+    **run_facts(state, exp),
     'resumed_from_step': start_step,
     'wall_time_s': time.time() - t_start,
     'device_kind': jax.devices()[0].device_kind,
@@ -322,27 +346,11 @@ def train_and_evaluate(
   return summary
 
 
-def train_loop(
-  config,
-  workdir,
-  state,
-  start_step,
-  model,
-  tx,
-  schedule,
-  rule,
-  dataset,
-  mesh,
-  eval_step,
-  ckpt,
-  writer,
-  flop_report,
-):
-  """Runs steps start_step+1 .. total_steps; returns (final state, final metrics)."""
+def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writer):
+  """Runs steps start_step+1 .. total_steps; returns (final state, last logged metrics)."""
+  config, dataset = exp.config, exp.dataset
   total = config.total_steps
-  step_fn = jax.jit(
-    make_train_step(model, tx, schedule, rule, dataset.kind, config), donate_argnums=(0,)
-  )
+  step_fn, eval_step = exp.train_step(), exp.eval_step()
   unit = 'tokens' if dataset.kind == 'text' else 'examples'
   tokens_per_example = dataset.meta.get('seq_len', 1)
   progress = metrics_lib.Progress(total, start_step, unit)
@@ -350,7 +358,7 @@ def train_loop(
   batches = dataset.train_iterator(start_step)
   t_last, s_last = time.perf_counter(), start_step
   for step in range(start_step + 1, total + 1):
-    state, step_metrics = step_fn(state, sharding.global_batch(mesh, next(batches)))
+    state, step_metrics = step_fn(state, sharding.global_batch(exp.mesh, next(batches)))
     is_log = step % config.log_every_steps == 0 or step == total
     is_eval = (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total
     is_ckpt = (
@@ -360,11 +368,11 @@ def train_loop(
       continue
     scalars = jax.device_get(step_metrics)  # the only device-to-host transfer of a step
     if not (np.isfinite(scalars['train/loss']) and np.isfinite(scalars['train/grad_norm'])):
+      kept = ckpt.steps()
       raise NonFiniteLossError(
         f'step {step}: train/loss={scalars["train/loss"]}, '
-        f'train/grad_norm={scalars["train/grad_norm"]}; lower optim.lr or raise '
-        f'optim.clip_norm. Checkpoints up to step {ckpt.steps()[-1] if ckpt.steps() else 0} '
-        'are kept untouched.'
+        f'train/grad_norm={scalars["train/grad_norm"]}; lower optim.lr or set '
+        f'optim.clip_norm. Checkpoints kept untouched: {kept or "none"}.'
       )
     row = dict(scalars)
     if is_log:
@@ -375,56 +383,45 @@ def train_loop(
       row['train/examples_per_s'] = config.batch_size / dt
       if dataset.kind == 'text':
         row['train/tokens_per_s'] = config.batch_size * tokens_per_example / dt
-      row['flops/train_per_example'] = train_flops(rule, flop_report, row, config)
+      row['flops/train_per_example'] = train_flops(exp, sparsity.layer_densities_from_metrics(row))
     if is_eval:
-      row.update(evaluate(eval_step, state, dataset, mesh))
+      row.update(evaluate(eval_step, state, dataset, exp.mesh))
     writer.write(step, row)
     final.update(row)
     if is_log and config.progress and jax.process_index() == 0:
-      print(
-        progress.line(step, {**row, f'train/{unit}_per_s': row.get(f'train/{unit}_per_s')}),
-        flush=True,
-      )
+      print(progress.line(step, row), flush=True)
     if is_ckpt:
       ckpt.save(step, state)
   return state, final
 
 
-def train_flops(rule, flop_report, scalars, config) -> float:
-  """Training FLOPs per example at the current per-layer densities (SPEC.md section 1)."""
-  densities = sparsity.layer_densities_from_metrics(scalars)
-  f_sparse = flop_report.at_densities(densities)
+def train_flops(exp: Experiment, densities) -> float:
+  """Training FLOPs per example at the given per-layer densities (SPEC.md section 1)."""
+  c = exp.config.sparsity
   return flops.training_flops_per_example(
-    f_sparse,
-    flop_report.forward_dense,
-    config.sparsity.rule,
-    config.sparsity.update_every_steps,
+    exp.flop_report.at_densities(densities),
+    exp.flop_report.forward_dense,
+    c.rule,
+    c.update_every_steps,
   )
 
 
-def run_facts(state, rule, flop_report, config) -> dict[str, Any]:
+def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
   """Parameter counts, norms and FLOPs of the final state for summary.json."""
   params = jax.device_get(state.params)
   masks = jax.device_get(sparsity.masks_of(state.sparsity))
-  leaves = jax.tree.leaves(params)
-  total = int(sum(p.size for p in leaves))
-  layer_density = sparsity.layer_densities(masks)
-  mask_leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+  total = int(sum(p.size for p in jax.tree.leaves(params)))
+  mask_leaves = jax.tree.leaves(masks)  # dense weights have None masks: no leaves
   sparse = int(sum(m.size for m in mask_leaves))
   active = total - sparse + int(sum(m.sum() for m in mask_leaves))
-  f_sparse = flop_report.at_densities(layer_density)
+  layer_density = sparsity.layer_densities(masks)
   return {
     'params/total': total,
     'params/sparse': sparse,
     'params/active': active,
     'params/global_norm': float(optax.global_norm(params)),
-    'flops/forward_per_example': f_sparse,
-    'flops/forward_per_example_dense': flop_report.forward_dense,
-    'flops/train_per_example': flops.training_flops_per_example(
-      f_sparse,
-      flop_report.forward_dense,
-      config.sparsity.rule,
-      config.sparsity.update_every_steps,
-    ),
+    'flops/forward_per_example': exp.flop_report.at_densities(layer_density),
+    'flops/forward_per_example_dense': exp.flop_report.forward_dense,
+    'flops/train_per_example': train_flops(exp, layer_density),
     'sparsity/layer_density': {'/'.join(k): v for k, v in layer_density.items()},
   }
