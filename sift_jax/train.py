@@ -383,7 +383,9 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
       row['train/examples_per_s'] = config.batch_size / dt
       if dataset.kind == 'text':
         row['train/tokens_per_s'] = config.batch_size * tokens_per_example / dt
-      row['flops/train_per_example'] = train_flops(exp, sparsity.layer_densities_from_metrics(row))
+      row['flops/train_per_example'] = train_flops(
+        exp, sparsity.layer_densities_from_metrics(row), step
+      )
     if is_eval:
       row.update(evaluate(eval_step, state, dataset, exp.mesh))
     writer.write(step, row)
@@ -395,14 +397,15 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
   return state, final
 
 
-def train_flops(exp: Experiment, densities) -> float:
-  """Training FLOPs per example at the given per-layer densities (SPEC.md section 1)."""
+def train_flops(exp: Experiment, densities, step: int) -> float:
+  """Training FLOPs per example at step `step` and the given per-layer densities."""
   c = exp.config.sparsity
   return flops.training_flops_per_example(
+    c.rule,
     exp.flop_report.at_densities(densities),
     exp.flop_report.forward_dense,
-    c.rule,
     c.update_every_steps,
+    updating=step < c.end_fraction * exp.config.total_steps,
   )
 
 
@@ -422,6 +425,6 @@ def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
     'params/global_norm': float(optax.global_norm(params)),
     'flops/forward_per_example': exp.flop_report.at_densities(layer_density),
     'flops/forward_per_example_dense': exp.flop_report.forward_dense,
-    'flops/train_per_example': train_flops(exp, layer_density),
+    'flops/train_per_example': train_flops(exp, layer_density, exp.config.total_steps),
     'sparsity/layer_density': {'/'.join(k): v for k, v in layer_density.items()},
   }

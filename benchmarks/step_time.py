@@ -1,0 +1,98 @@
+"""Train-step throughput and MFU of the dense models, against the matmul peak measured here.
+
+  python benchmarks/step_time.py                 # all cases
+  python benchmarks/step_time.py --cases=gpt_local --steps=20
+
+For each case: examples/s, step time, model FLOP/s (3 x analytical forward FLOPs per example,
+SPEC.md's convention) and MFU = model FLOP/s / the float32 matmul peak measured in the same
+process. Timings are the median of --windows windows of --steps steps each, after compilation.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+import jax
+
+from sift_jax import config_lib, metrics, sharding, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = {
+  # name: (config file, argument, overrides)
+  'gpt_local': ('configs/gpt_small_dense.py', 'local', {}),
+  'resnet18_local': ('configs/resnet18_cifar100.py', 'local', {}),
+  'resnet18_cifar_full_width_b128': (
+    'configs/resnet18_cifar100.py',
+    'local',
+    {'model.width': 64, 'batch_size': 128},
+  ),
+}
+
+_CASES = flags.DEFINE_list('cases', list(CASES), f'Cases to run, from {list(CASES)}.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timing window.')
+_WINDOWS = flags.DEFINE_integer('windows', 3, 'Timing windows; the median is reported.')
+
+
+def case_config(name: str):
+  path, arg, overrides = CASES[name]
+  c = config_lib.load_config(os.path.join(REPO, path), arg)
+  for key, value in overrides.items():
+    group, _, leaf = key.rpartition('.')
+    (c[group] if group else c)[leaf] = value
+  c.total_steps = 10**6  # keeps every step inside the schedule's warm part; nothing is saved
+  return c
+
+
+def measure(name: str, peak: float) -> dict[str, float]:
+  c = case_config(name)
+  exp = train.build_experiment(c)
+  state = exp.new_state()
+  step_fn = exp.train_step()
+  batches = [
+    sharding.global_batch(exp.mesh, exp.dataset.train_batch(i)) for i in range(_STEPS.value)
+  ]
+  state, m = step_fn(state, batches[0])  # compile
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(_WINDOWS.value):
+    t = time.perf_counter()
+    for b in batches:
+      state, m = step_fn(state, b)
+    jax.block_until_ready(m)
+    times.append((time.perf_counter() - t) / len(batches))
+  step_s = statistics.median(times)
+  flops_per_step = 3 * exp.flop_report.forward_dense * c.batch_size
+  return {
+    'examples_per_s': c.batch_size / step_s,
+    'step_time_s': step_s,
+    'model_gflops_per_s': flops_per_step / step_s / 1e9,
+    'mfu': flops_per_step / step_s / peak,
+  }
+
+
+def main(argv):
+  del argv
+  train.use_compilation_cache()
+  peak = metrics.matmul_peak_flops()
+  print(
+    f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, '
+    f'float32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, best of 5)'
+  )
+  print(f'{"case":<34} {"examples/s":>11} {"step ms":>9} {"GFLOP/s":>9} {"MFU":>6}')
+  for name in _CASES.value:
+    if name not in CASES:
+      raise ValueError(f'unknown case {name!r}; known: {", ".join(CASES)}')
+    r = measure(name, peak)
+    print(
+      f'{name:<34} {r["examples_per_s"]:11.1f} {1e3 * r["step_time_s"]:9.1f} '
+      f'{r["model_gflops_per_s"]:9.1f} {r["mfu"]:6.3f}',
+      flush=True,
+    )
+
+
+if __name__ == '__main__':
+  app.run(main)
