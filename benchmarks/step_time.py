@@ -14,9 +14,8 @@ import os
 import statistics
 import time
 
-from absl import app, flags
-
 import jax
+from absl import app, flags
 
 from sift_jax import config_lib, metrics, sharding, train
 
