@@ -44,6 +44,9 @@ def main(argv: list[str]) -> None:
   logging.info('config:\n%s', _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, workdir, mode=_MODE.value)
+  except train.Preempted as e:
+    print(str(e), flush=True)
+    sys.exit(0)
   except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
     # Bad input: one clear line, no traceback, non-zero exit.
     print(f'error: {e}', file=sys.stderr, flush=True)

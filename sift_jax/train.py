@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sift_jax import checkpointing, data, flops, models, optim, sharding, sparsity
+from sift_jax import checkpointing, data, flops, models, optim, preemption, sharding, sparsity
 from sift_jax import metrics as metrics_lib
 from sift_jax.config_lib import RUN_LENGTH_KEYS
 from sift_jax.models.layers import sparse_kernel_paths
@@ -32,6 +32,10 @@ MODES = ('train', 'eval')
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or Inf; nothing after the last good checkpoint is saved."""
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT (or a multi-host preemption notice): a checkpoint was saved, exit 0."""
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
@@ -352,49 +356,68 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
   total = config.total_steps
   step_fn, eval_step = exp.train_step(), exp.eval_step()
   unit = 'tokens' if dataset.kind == 'text' else 'examples'
-  tokens_per_example = dataset.meta.get('seq_len', 1)
   progress = metrics_lib.Progress(total, start_step, unit)
   final: dict[str, Any] = {}
   batches = dataset.train_iterator(start_step)
   t_last, s_last = time.perf_counter(), start_step
-  for step in range(start_step + 1, total + 1):
-    state, step_metrics = step_fn(state, sharding.global_batch(exp.mesh, next(batches)))
-    is_log = step % config.log_every_steps == 0 or step == total
-    is_eval = (config.eval_every_steps and step % config.eval_every_steps == 0) or step == total
-    is_ckpt = (
-      config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-    ) or step == total
-    if not (is_log or is_eval or is_ckpt):
-      continue
-    scalars = jax.device_get(step_metrics)  # the only device-to-host transfer of a step
-    if not (np.isfinite(scalars['train/loss']) and np.isfinite(scalars['train/grad_norm'])):
-      kept = ckpt.steps()
-      raise NonFiniteLossError(
-        f'step {step}: train/loss={scalars["train/loss"]}, '
-        f'train/grad_norm={scalars["train/grad_norm"]}; lower optim.lr or set '
-        f'optim.clip_norm. Checkpoints kept untouched: {kept or "none"}.'
-      )
-    row = dict(scalars)
-    if is_log:
-      now = time.perf_counter()
-      dt = (now - t_last) / (step - s_last)
-      t_last, s_last = now, step
-      row['train/step_time_s'] = dt
-      row['train/examples_per_s'] = config.batch_size / dt
-      if dataset.kind == 'text':
-        row['train/tokens_per_s'] = config.batch_size * tokens_per_example / dt
-      row['flops/train_per_example'] = train_flops(
-        exp, sparsity.layer_densities_from_metrics(row), step
-      )
-    if is_eval:
-      row.update(evaluate(eval_step, state, dataset, exp.mesh))
-    writer.write(step, row)
-    final.update(row)
-    if is_log and config.progress and jax.process_index() == 0:
-      print(progress.line(step, row), flush=True)
-    if is_ckpt:
-      ckpt.save(step, state)
+  with preemption.PreemptionGuard() as guard:
+    for step in range(start_step + 1, total + 1):
+      state, step_metrics = step_fn(state, sharding.global_batch(exp.mesh, next(batches)))
+      if guard.should_stop(step):
+        check_finite(jax.device_get(step_metrics), step, ckpt)
+        ckpt.save(step, state)
+        ckpt.wait()
+        raise Preempted(
+          f'{guard.signal_name or "preemption"} received: saved a checkpoint at step {step} '
+          f'in {ckpt.directory}; rerun the same command to resume'
+        )
+      is_log = step % config.log_every_steps == 0 or step == total
+      is_eval = every(step, config.eval_every_steps) or step == total
+      is_ckpt = every(step, config.checkpoint_every_steps) or step == total
+      if not (is_log or is_eval or is_ckpt):
+        continue
+      row = jax.device_get(step_metrics)  # the only device-to-host transfer of a step
+      check_finite(row, step, ckpt)
+      if is_log:
+        now = time.perf_counter()
+        row.update(throughput(exp, (now - t_last) / (step - s_last)))
+        t_last, s_last = now, step
+        densities = sparsity.layer_densities_from_metrics(row)
+        row['flops/train_per_example'] = train_flops(exp, densities, step)
+      if is_eval:
+        row.update(evaluate(eval_step, state, dataset, exp.mesh))
+      writer.write(step, row)
+      final.update(row)
+      if is_log and config.progress and jax.process_index() == 0:
+        print(progress.line(step, row), flush=True)
+      if is_ckpt:
+        ckpt.save(step, state)
   return state, final
+
+
+def every(step: int, period: int) -> bool:
+  return bool(period) and step % period == 0
+
+
+def check_finite(scalars: dict[str, Any], step: int, ckpt) -> None:
+  """Stops before a NaN/Inf state can be saved over good checkpoints."""
+  if np.isfinite(scalars['train/loss']) and np.isfinite(scalars['train/grad_norm']):
+    return
+  raise NonFiniteLossError(
+    f'step {step}: train/loss={scalars["train/loss"]}, '
+    f'train/grad_norm={scalars["train/grad_norm"]}; lower optim.lr or set optim.clip_norm. '
+    f'Checkpoints kept untouched: {ckpt.steps() or "none"}.'
+  )
+
+
+def throughput(exp: Experiment, step_time_s: float) -> dict[str, float]:
+  out = {
+    'train/step_time_s': step_time_s,
+    'train/examples_per_s': exp.config.batch_size / step_time_s,
+  }
+  if exp.dataset.kind == 'text':
+    out['train/tokens_per_s'] = out['train/examples_per_s'] * exp.dataset.meta['seq_len']
+  return out
 
 
 def train_flops(exp: Experiment, densities, step: int) -> float:
