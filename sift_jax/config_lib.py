@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_files = ''
   c.data.seq_len = 0  # text: tokens per example (0 = the model's context length)
   c.data.augment = True  # images: the dataset's standard training augmentation
+  c.data.max_bytes = 20_000_000  # python_stdlib: corpus cap (about 1 s to load)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.max_examples = 0  # 0 = the whole eval split
@@ -107,6 +108,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.sparsity.start_step = 0
   c.sparsity.end_fraction = 0.75  # updates stop at this fraction of total_steps
   c.sparsity.drop_fraction = 0.3  # f_0
+  c.sparsity.drop_schedule = 'cosine'  # constant | cosine | exponential (f_t from f_0)
+  c.sparsity.drop_decay = 0.1  # exponential: f_t = f_0 * drop_decay ** (t / T_end)
+  c.sparsity.regrow_dropped = True  # RigL/SET: weights dropped in an update may regrow in it
+  c.sparsity.power_scale = 1.0  # ERK: density ~ (sum(shape) / prod(shape)) ** power_scale
+  c.sparsity.overrides = ''  # per-layer sparsity: 'glob=s,glob=s' on names like Dense_0/kernel
+  c.sparsity.block_shape = (1, 1)  # mask blocks over a kernel's last two axes; (1, 1) unstructured
+  c.sparsity.init_rescale = False  # scale init by each unit's actual fan-in (GSE paper: True)
+  c.sparsity.topkast_penalty = 1e-4  # lambda of the exploration penalty
+  c.sparsity.topkast_every_steps = 100  # N: sets A and B recomputed every N steps
+  c.sparsity.gse_gamma = 1.0  # candidates sampled per update = gamma * active (ImageNet: 2)
+  c.sparsity.gse_alpha = 0.2  # grown per update = alpha_t * active, alpha_t by drop_schedule
 
   c.sift = ml_collections.ConfigDict()
   c.sift.name = 'dense'  # dense | wide | parallel | factorized | doped

@@ -1,0 +1,24 @@
+"""Data pipelines: `build_dataset(config)` returns host-local, step-indexed batches.
+
+Text: {'inputs', 'targets'} int32 (B, T). Images: {'image'} float32 (B, H, W, C), {'label'} int32
+(B,). Eval batches also carry {'weights'} float32 (B,), 0 on padding rows. See base.py for the
+determinism and sharding contract, text.py / images.py / tfds_images.py for each dataset.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sift_jax import registry
+from sift_jax.data import images, text, tfds_images  # noqa: F401  (they register the datasets)
+from sift_jax.data.base import Batch, Dataset
+
+__all__ = ['Batch', 'Dataset', 'build_dataset']
+
+
+def build_dataset(
+  config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
+) -> Dataset:
+  """The dataset `config.data.name`, as seen by process `process_index` of `process_count`."""
+  build = registry.DATASETS.get(config.data.name)
+  return build(config, process_index=process_index, process_count=process_count)

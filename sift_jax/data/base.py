@@ -1,0 +1,143 @@
+"""The Dataset interface the trainer uses: stateless step-indexed batches, host shards, eval padding.
+
+A training batch is a pure function of (config.seed, step): every random draw comes from a numpy
+Generator seeded by (seed, purpose, step) and is made for the whole GLOBAL batch, of which each
+process keeps its rows [p*B/P, (p+1)*B/P). Resuming at step N therefore needs nothing but N, and the
+hosts of a multi-host run agree on the global batch without talking to each other.
+"""
+
+from __future__ import annotations
+
+import abc
+import queue
+import threading
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+# Distinct seed streams, so the draws of different purposes never coincide.
+STREAM_TEXT_WINDOWS = 0
+STREAM_EPOCH_PERMUTATION = 1
+STREAM_AUGMENT = 2
+
+
+def rng(seed: int, stream: int, index: int) -> np.random.Generator:
+  """The generator of draw `index` (a step or an epoch) of one purpose."""
+  return np.random.default_rng([seed, stream, index])
+
+
+class Dataset(abc.ABC):
+  """Batches for one process of a (possibly multi-host) run.
+
+  Subclasses set `kind`, `meta`, `num_train_examples`, `num_eval_examples` and implement
+  `train_batch` and `_eval_rows` (eval examples by global index, without padding); one whose eval
+  examples are not what `num_eval_examples` counts overrides `_eval_count`.
+  """
+
+  kind: str
+  meta: dict
+  num_train_examples: int
+  num_eval_examples: int
+
+  def __init__(
+    self, config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+  ):
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ValueError(
+        f'process_index={process_index} with process_count={process_count}: need '
+        '0 <= process_index < process_count'
+      )
+    if config.seed < 0:
+      raise ValueError(f'seed={config.seed}: the data pipeline needs a seed >= 0')
+    self.seed = int(config.seed)
+    self.process_index = process_index
+    self.process_count = process_count
+    self.batch_size = self._checked_batch_size('batch_size', config.batch_size)
+    self.eval_batch_size = self._checked_batch_size(
+      'eval.batch_size', config.eval.batch_size or config.batch_size
+    )
+    if config.eval.max_examples < 0:
+      raise ValueError(f'eval.max_examples={config.eval.max_examples}: need >= 0 (0 = all)')
+    self.eval_max_examples = int(config.eval.max_examples)
+
+  def _checked_batch_size(self, key: str, size: int) -> int:
+    if size <= 0 or size % self.process_count:
+      raise ValueError(
+        f'{key}={size}: the global batch size must be positive and divisible by the process '
+        f'count {self.process_count}'
+      )
+    return int(size)
+
+  def host_rows(self, global_size: int) -> slice:
+    """This process's rows of a global batch of `global_size` rows."""
+    per_host = global_size // self.process_count
+    return slice(self.process_index * per_host, (self.process_index + 1) * per_host)
+
+  @abc.abstractmethod
+  def train_batch(self, step: int) -> Batch:
+    """The host-local part of the global training batch of step `step` (0-based)."""
+
+  @abc.abstractmethod
+  def _eval_rows(self, indices: np.ndarray) -> Batch:
+    """Eval examples at the given global indices, in order (indices < num_eval_examples)."""
+
+  def _eval_count(self) -> int:
+    """How many eval examples `_eval_rows` can index (before eval.max_examples)."""
+    return self.num_eval_examples
+
+  def train_iterator(self, start_step: int, prefetch: int = 3) -> Iterator[Batch]:
+    """train_batch(start_step), train_batch(start_step + 1), ... built `prefetch` ahead in a thread.
+
+    Errors raised while building a batch are re-raised here. Closing the generator (or dropping
+    it) stops the thread.
+    """
+    out: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def produce() -> None:
+      step = start_step
+      while not stop.is_set():
+        try:
+          item = (self.train_batch(step), None)
+        except Exception as e:  # handed to the consumer, which re-raises it
+          item = (None, e)
+        while not stop.is_set():
+          try:
+            out.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if item[1] is not None:
+          return
+        step += 1
+
+    thread = threading.Thread(target=produce, daemon=True, name='sift_jax-data-prefetch')
+    thread.start()
+    try:
+      while True:
+        batch, error = out.get()
+        if error is not None:
+          raise error
+        yield batch
+    finally:
+      stop.set()
+
+  def eval_batches(self) -> Iterator[Batch]:
+    """The eval split in order, capped at eval.max_examples, in global batches of
+    eval.batch_size; the last batch is padded with zero rows whose 'weights' are 0."""
+    n = self._eval_count()
+    if self.eval_max_examples:
+      n = min(n, self.eval_max_examples)
+    size = self.eval_batch_size
+    rows = self.host_rows(size)
+    for start in range(0, n, size):
+      indices = np.arange(start + rows.start, start + rows.stop)
+      valid = indices < n
+      batch = self._eval_rows(indices[valid])
+      pad = len(indices) - int(valid.sum())
+      batch = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+      batch['weights'] = valid.astype(np.float32)
+      yield batch
