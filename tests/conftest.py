@@ -9,12 +9,14 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def data_dir() -> str:
-  """The folder of real datasets (../shared/datasets in CI); skips when SIFT_DATA_DIR is unset.
+def pytest_runtest_setup(item: pytest.Item) -> None:
+  """Tests marked real_data read the files under $SIFT_DATA_DIR (../shared/datasets in CI).
 
-  Under CI (CI=true) a missing data root fails instead, so a green CI always read the real files.
+  Without it they skip with the reason; under CI (CI=true) they fail instead, so a green CI
+  always read the real files.
   """
+  if item.get_closest_marker('real_data') is None:
+    return
   root = os.environ.get('SIFT_DATA_DIR')
   if not root:
     message = 'SIFT_DATA_DIR is unset: point it at ../shared/datasets to run real-data tests'
@@ -23,4 +25,3 @@ def data_dir() -> str:
     pytest.skip(message)
   if not os.path.isdir(root):
     pytest.fail(f'SIFT_DATA_DIR={root!r} is not a folder')
-  return root

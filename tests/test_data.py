@@ -17,14 +17,6 @@ from sift_jax.data import augment, build_dataset, files, text
 DATA_DIR = os.environ.get(files.DATA_ENV, '')
 
 
-def real_data(test):
-  """Marks a test that reads the real files under $SIFT_DATA_DIR, and skips it without them."""
-  skip = pytest.mark.skipif(
-    not DATA_DIR, reason=f'${files.DATA_ENV} is unset: no real dataset files'
-  )
-  return pytest.mark.real_data(skip(test))
-
-
 SMALL_STDLIB = 1_000_000
 
 
@@ -404,7 +396,7 @@ def test_imagenet_train_and_eval_through_tfds_mock():
     assert evals[-1]['image'].shape == (4, 224, 224, 3) and not evals[-1]['image'][3].any()
 
 
-@real_data
+@pytest.mark.real_data
 def test_real_tiny_shakespeare():
   d = build_dataset(make_config('tiny_shakespeare'))
   assert d.meta['vocab_size'] == 65
@@ -415,7 +407,7 @@ def test_real_tiny_shakespeare():
   assert bytes(vocab[d.train_tokens[:14]].astype(np.uint8)) == b'First Citizen:'
 
 
-@real_data
+@pytest.mark.real_data
 def test_real_ptb_and_uncompressed_copy(tmp_path):
   d = build_dataset(make_config('ptb'))
   assert d.meta['vocab_size'] == 10000
@@ -430,7 +422,7 @@ def test_real_ptb_and_uncompressed_copy(tmp_path):
   np.testing.assert_array_equal(copy.train_tokens, d.train_tokens)
 
 
-@real_data
+@pytest.mark.real_data
 def test_real_fashion_mnist_and_recompressed_gz(tmp_path):
   d = build_dataset(make_config('fashion_mnist'))
   assert d.meta == {'num_classes': 10, 'image_shape': (28, 28, 1)}
@@ -453,7 +445,7 @@ def test_real_fashion_mnist_and_recompressed_gz(tmp_path):
   np.testing.assert_array_equal(copy.eval_source.labels, d.eval_source.labels)
 
 
-@real_data
+@pytest.mark.real_data
 def test_real_cifar10_jpg():
   d = build_dataset(make_config('cifar10_jpg'))
   assert d.meta == {'num_classes': 10, 'image_shape': (32, 32, 3)}
