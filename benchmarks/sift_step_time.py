@@ -1,0 +1,73 @@
+"""Train-step time of each Sparse-IFT member relative to the dense model, with its FLOP ratio.
+
+  python benchmarks/sift_step_time.py                        # GPT and ResNet local configs
+  python benchmarks/sift_step_time.py --models=gpt --levels=0.5 --steps=5
+
+Every member at every level runs in this one process, timed like benchmarks/step_time.py (median
+of windows after compilation). Masks are simulated (dense matmuls on masked weights), so a wide
+member costs about 1/(1-s) x dense here while its FLOP ratio is ~1: the baseline sparse kernels
+must beat.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_time  # noqa: E402  (the shared timing loop and case table of the dense benchmark)
+
+from sift_jax import data, train  # noqa: E402
+from sift_jax.sift import report  # noqa: E402
+
+CONFIGS = {'gpt': 'configs/gpt_small_dense.py', 'resnet': 'configs/resnet18_cifar100.py'}
+
+_MODELS = flags.DEFINE_list('models', list(CONFIGS), f'Models, from {list(CONFIGS)}.')
+_LEVELS = flags.DEFINE_list('levels', ['0.5', '0.75'], 'Sparsity levels.')
+_MEMBERS = flags.DEFINE_list('members', list(report.MEMBERS), 'Sparse-IFT members.')
+
+
+def add_case(model: str, member: str, level: float) -> str:
+  """Registers a case in step_time's table and returns its name."""
+  name = f'{model}_{member}_{level:g}'
+  arg = 'local' if member == 'dense' else f'local,sift={member},sparsity={level}'
+  step_time.CASES[name] = (CONFIGS[model], arg, {})
+  return name
+
+
+def flop_ratio(name: str) -> float:
+  c = step_time.case_config(name)
+  meta = data.build_dataset(c, process_index=0, process_count=1).meta
+  r = report.sift_flops(c, meta)
+  return r.forward / r.dense_forward
+
+
+def main(argv):
+  del argv
+  train.use_compilation_cache()
+  peak = 1.0  # MFU is not reported here; only ratios measured in this process
+  print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}')
+  print(
+    f'{"model":<7} {"member":<11} {"s":>5} {"step ms":>9} {"time/dense":>11} {"FLOPs/dense":>12}'
+  )
+  for model in _MODELS.value:
+    if model not in CONFIGS:
+      raise ValueError(f'unknown model {model!r}; known: {", ".join(CONFIGS)}')
+    dense = step_time.measure(add_case(model, 'dense', 0.0), peak)['step_time_s']
+    print(f'{model:<7} {"dense":<11} {0:5g} {1e3 * dense:9.1f} {1:11.2f} {1:12.3f}', flush=True)
+    for level in map(float, _LEVELS.value):
+      for member in _MEMBERS.value:
+        name = add_case(model, member, level)
+        t = step_time.measure(name, peak)['step_time_s']
+        print(
+          f'{model:<7} {member:<11} {level:5g} {1e3 * t:9.1f} {t / dense:11.2f} '
+          f'{flop_ratio(name):12.3f}',
+          flush=True,
+        )
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,193 @@
+"""Analytical forward FLOPs, per layer and per model, from shapes only.
+
+Convention (SPEC.md section 1, DESIGN.md): 1 MAC = 2 FLOPs; only dots and convolutions count;
+attention scores and context count the full T x T; a masked weight counts at its layer's density.
+The forward pass is traced abstractly (jax.eval_shape) with `nn.intercept_methods` recording each
+Dense / Conv / Embed.attend call and each module that reports its own matmuls through a
+`forward_flops(*args, **kwargs) -> {name: flops}` method (the attention cores). Nothing the size
+of the model is allocated. Counts are per example: per image, or per sequence for text.
+
+  python -m sift_jax.flops --config=configs/resnet18_cifar100.py
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sift_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFlops:
+  """Forward FLOPs per example of one weight (or one weight-free matmul, density 1)."""
+
+  dense_flops: float
+  flops: float
+  density: float
+
+
+@dataclasses.dataclass
+class FlopReport:
+  per_layer: dict[str, LayerFlops]  # 'Block_0/attn/query/kernel' -> LayerFlops
+  forward: float  # per example, masked weights at their density
+  forward_dense: float  # per example, every weight dense
+
+
+def _record_call(records: dict[str, float], next_fun, args, kwargs, context) -> Any:
+  """An nn.intercept_methods interceptor adding the dense FLOPs of one call to `records`."""
+  module = context.module
+  out = next_fun(*args, **kwargs)
+  path = module.path
+  name = context.method_name
+  entries: dict[tuple[str, ...], float] = {}
+  if isinstance(module, nn.Dense) and name == '__call__':
+    x = args[0]
+    entries[(*path, 'kernel')] = 2.0 * math.prod(x.shape[:-1]) * x.shape[-1] * module.features
+  elif isinstance(module, nn.Conv) and name == '__call__':
+    kernel = module.get_variable('params', 'kernel')  # (kh, kw, C_in / groups, C_out)
+    entries[(*path, 'kernel')] = 2.0 * math.prod(out.shape[:-1]) * math.prod(kernel.shape)
+  elif isinstance(module, nn.Embed) and name == 'attend':
+    q = args[0]
+    entries[(*path, 'embedding')] = 2.0 * math.prod(q.shape) * module.num_embeddings
+  elif hasattr(module, 'forward_flops') and name == '__call__':
+    entries.update({(*path, k): v for k, v in module.forward_flops(*args, **kwargs).items()})
+  for key, flops in entries.items():
+    # A re-traced call (a lifted transform tracing twice) must not count twice.
+    records['/'.join(key)] = flops
+  return out
+
+
+def count_forward_flops(
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  meta: Mapping[str, Any],
+  densities: Mapping[tuple[str, ...], float] | None = None,
+) -> FlopReport:
+  """Forward FLOPs per example of `model`; `densities` maps kernel paths (as in
+  `models.sparse_kernel_paths`) to their mask density; unlisted weights are dense."""
+  variables = models.abstract_variables(model, config, meta)
+  variables = {k: v for k, v in variables.items() if k != 'sparse'}
+  x = models.example_input(config, meta, batch_size=1)
+  records: dict[str, float] = {}
+
+  def forward(variables: dict[str, Any], x: jax.Array) -> jax.Array:
+    intercept = lambda *a: _record_call(records, *a)
+    with nn.intercept_methods(intercept):
+      return model.apply(variables, x, train=False)
+
+  jax.eval_shape(forward, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
+
+  by_name = {'/'.join(path): float(d) for path, d in (densities or {}).items()}
+  unknown = sorted(set(by_name) - set(records))
+  if unknown:
+    raise ValueError(f'densities for unknown layers {unknown}; known: {sorted(records)}')
+  bad = {k: d for k, d in by_name.items() if not 0.0 <= d <= 1.0}
+  if bad:
+    raise ValueError(f'densities must be in [0, 1], got {bad}')
+  per_layer = {
+    name: LayerFlops(flops, flops * by_name.get(name, 1.0), by_name.get(name, 1.0))
+    for name, flops in records.items()
+  }
+  return FlopReport(
+    per_layer=per_layer,
+    forward=sum(layer.flops for layer in per_layer.values()),
+    forward_dense=sum(layer.dense_flops for layer in per_layer.values()),
+  )
+
+
+SPARSE_RULES = ('static', 'set', 'gse', 'gmp', 'topkast')
+
+
+def training_flops_per_example(
+  rule: str,
+  forward: float,
+  forward_dense: float,
+  update_every_steps: int = 100,
+  updating: bool = True,
+) -> float:
+  """Training FLOPs per example (SPEC.md section 1): forward + backward = 3 forward passes.
+
+  dense: 3 f_D; the sparse rules: 3 f_S with f_S the forward FLOPs at the forward set's density
+  (Top-KAST: set A); RigL while it updates masks (`updating`): (3 f_S dT + 2 f_S + f_D) / (dT + 1),
+  the dense gradient of one step in dT + 1; after its last update 3 f_S.
+  """
+  if rule == 'dense':
+    return 3.0 * forward_dense
+  if rule in SPARSE_RULES or (rule == 'rigl' and not updating):
+    return 3.0 * forward
+  if rule == 'rigl':
+    if update_every_steps < 1:
+      raise ValueError(f'update_every_steps must be >= 1, got {update_every_steps}')
+    dt = update_every_steps
+    return (3.0 * forward * dt + 2.0 * forward + forward_dense) / (dt + 1)
+  raise ValueError(f'unknown sparsity rule {rule!r}; known: dense, rigl, {", ".join(SPARSE_RULES)}')
+
+
+def uniform_densities(
+  model: nn.Module, config: ml_collections.ConfigDict, meta: Mapping[str, Any], level: float
+) -> dict[tuple[str, ...], float]:
+  """Every declared sparse kernel at density 1 - level (the `uniform` distribution)."""
+  paths = models.sparse_kernel_paths(models.abstract_variables(model, config, meta))
+  return dict.fromkeys(paths, 1.0 - level)
+
+
+def format_table(report: FlopReport) -> str:
+  """One line per layer (dense MFLOPs, density, MFLOPs) and the totals."""
+  width = max(len(name) for name in report.per_layer)
+  lines = [f'{"layer":<{width}}  {"dense MFLOPs":>12}  {"density":>7}  {"MFLOPs":>12}']
+  for name, layer in report.per_layer.items():
+    lines.append(
+      f'{name:<{width}}  {layer.dense_flops / 1e6:12.3f}  {layer.density:7.4f}'
+      f'  {layer.flops / 1e6:12.3f}'
+    )
+  lines.append(
+    f'{"total (per example)":<{width}}  {report.forward_dense / 1e6:12.3f}  '
+    f'{report.forward / max(report.forward_dense, 1.0):7.4f}  {report.forward / 1e6:12.3f}'
+  )
+  return '\n'.join(lines)
+
+
+def _main(argv: list[str]) -> None:
+  from absl import flags
+
+  del argv
+  config = flags.FLAGS.config
+  if config.model.name in models.TEXT_MODELS:
+    context = config.model.get('context_length', models.MODEL_DEFAULTS['gpt']['context_length'])
+    meta = {
+      'vocab_size': flags.FLAGS.vocab_size,
+      'seq_len': config.data.get('seq_len', 0) or context,
+    }
+  else:
+    shape = tuple(int(s) for s in flags.FLAGS.image_shape.split(','))
+    meta = {'num_classes': flags.FLAGS.num_classes, 'image_shape': shape}
+  model = models.build_model(config, meta)
+  densities = uniform_densities(model, config, meta, config.sparsity.level)
+  report = count_forward_flops(model, config, meta, densities)
+  print(format_table(report))
+  print(f'params: {models.count_params(model, config, meta):,}')
+  train = training_flops_per_example(
+    config.sparsity.rule, report.forward, report.forward_dense, config.sparsity.update_every_steps
+  )
+  print(f'training GFLOPs per example ({config.sparsity.rule}): {train / 1e9:.4f}')
+
+
+if __name__ == '__main__':
+  # Flags are defined here, not at import, so importing this module defines no global flags.
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=False)
+  flags.DEFINE_integer('vocab_size', 50257, 'text models: vocabulary size of the data')
+  flags.DEFINE_integer('num_classes', 100, 'image models: number of classes')
+  flags.DEFINE_string('image_shape', '32,32,3', 'image models: H,W,C of the data')
+  flags.mark_flag_as_required('config')
+  app.run(_main)

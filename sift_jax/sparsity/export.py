@@ -1,0 +1,60 @@
+"""Export: bake the masks into the weights and write each sparse layer as a scipy CSR matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import scipy.sparse
+
+from sift_jax.sparsity.plan import path_of
+
+
+def export_sparse(params: Any, masks: Any, path: str) -> dict[str, dict[str, Any]]:
+  """Writes every masked leaf to `path`/<name>.npz as CSR and an index.json; returns the index.
+
+  A kernel of shape (..., O) is stored as a (prod(...), O) CSR matrix of the masked weights,
+  with its original shape and density in index.json (name -> file, shape, nnz, density).
+  Explicit entries are the mask's active positions, so a trained weight that happens to be
+  0.0 is kept as an explicit entry.
+  """
+  params = jax.device_get(params)
+  masks = jax.device_get(masks)
+  p_leaves = jax.tree.leaves(params)
+  m_flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+  if len(m_flat) != len(p_leaves):
+    raise ValueError(f'masks have {len(m_flat)} leaves but params have {len(p_leaves)}')
+  os.makedirs(path, exist_ok=True)
+  index = {}
+  for (kp, m), p in zip(m_flat, p_leaves, strict=True):
+    if m is None:
+      continue
+    name = '/'.join(path_of(kp))
+    w = np.asarray(p, np.float32).reshape(-1, p.shape[-1])  # (prod(...), O)
+    mask = np.asarray(m, bool).reshape(w.shape)
+    rows, cols = np.nonzero(mask)
+    csr = scipy.sparse.csr_matrix((w[rows, cols], (rows, cols)), shape=w.shape)
+    file = name.replace('/', '.') + '.npz'
+    scipy.sparse.save_npz(os.path.join(path, file), csr)
+    index[name] = {
+      'file': file,
+      'shape': list(p.shape),
+      'nnz': int(mask.sum()),
+      'density': float(mask.mean()),
+    }
+  with open(os.path.join(path, 'index.json'), 'w') as f:
+    json.dump(index, f, indent=1)
+  return index
+
+
+def load_sparse(path: str) -> dict[str, np.ndarray]:
+  """Reads an export back as dense arrays of the original shapes (masked entries 0)."""
+  with open(os.path.join(path, 'index.json')) as f:
+    index = json.load(f)
+  return {
+    name: scipy.sparse.load_npz(os.path.join(path, e['file'])).toarray().reshape(e['shape'])
+    for name, e in index.items()
+  }

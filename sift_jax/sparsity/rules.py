@@ -1,0 +1,494 @@
+"""The mask-update rules of SPEC.md section 3: dense, static, set, rigl, topkast, gse, gmp.
+
+A rule is a small object of pure functions over pytrees (optax style). Static facts (which
+leaves are sparse, their shapes and exact active counts, the schedules) live on the object;
+everything that changes lives in `sstate`, a dict of arrays checkpointed with the params:
+
+  masks   params-shaped tree, bool mask per sparse leaf, None for dense leaves (Top-KAST: set A)
+  ever    the same shape: positions ever active (for `sparsity/itop`)
+  churn   fraction of the active weights that left at the last update
+  key     uint32 key data; update randomness is this key folded with the step
+  updates number of mask updates done
+  backward  Top-KAST only: set B, the same shape as masks
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sift_jax.registry import RULES
+from sift_jax.sparsity import gse, select
+from sift_jax.sparsity.plan import Layer, check_level, exact_count, path_of
+from sift_jax.sparsity.schedules import DropSchedule, TargetSchedule, UpdateSchedule, end_step
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _abs_blocks(x: jax.Array, layer: Layer) -> jax.Array:
+  return select.to_blocks(jnp.abs(x.astype(jnp.float32)), layer.block, 'sum')
+
+
+def _topk(scores: jax.Array, k, layer: Layer, valid: jax.Array | None = None) -> jax.Array:
+  """Top-k blocks of a weight-shaped score by block sums, as a weight-shaped mask."""
+  vb = None if valid is None else select.to_blocks(valid, layer.block, 'any')
+  return select.from_blocks(select.topk_mask(_abs_blocks(scores, layer), k, vb), layer.block)
+
+
+def _random(key: jax.Array, layer: Layer, k, valid: jax.Array | None = None) -> jax.Array:
+  vb = None if valid is None else select.to_blocks(valid, layer.block, 'any')
+  shape = select.to_blocks(jnp.zeros(layer.shape, bool), layer.block, 'any').shape
+  return select.from_blocks(select.random_mask(key, shape, k, vb), layer.block)
+
+
+def _count(m: jax.Array) -> jax.Array:
+  return jnp.sum(m, dtype=jnp.int32)
+
+
+def rescale_fan_in(p: jax.Array, m: jax.Array) -> jax.Array:
+  """Scales each output unit by sqrt(fan_in / its active fan-in), keeping the init's variance."""
+  fan_in = int(np.prod(p.shape[:-1]))
+  active = jnp.sum(m, axis=tuple(range(p.ndim - 1)), dtype=jnp.float32)  # (O,)
+  return p * jnp.sqrt(fan_in / jnp.maximum(active, 1.0)).astype(p.dtype)
+
+
+class Rule:
+  """Base rule: masks fixed after init (this is `static`); subclasses change the masks."""
+
+  needs_aux = False
+  updates_masks = True  # False: masks never change after init
+
+  def __init__(
+    self, config: ml_collections.ConfigDict, params_shapes: Any, layers: list[Layer]
+  ) -> None:
+    s = config.sparsity
+    self.config = config
+    self.layers = layers
+    flat, self.treedef = jax.tree_util.tree_flatten_with_path(params_shapes)
+    self.paths = [path_of(kp) for kp, _ in flat]
+    self.shapes = [tuple(leaf.shape) for _, leaf in flat]
+    end = end_step(config.total_steps, s.end_fraction)
+    self.schedule = UpdateSchedule(int(s.update_every_steps), int(s.start_step), end)
+    self.drop = DropSchedule(s.drop_schedule, float(s.drop_fraction), end, float(s.drop_decay))
+    self.regrow_dropped = bool(s.regrow_dropped)
+    self.init_rescale = bool(s.init_rescale)
+
+  # ----- tree plumbing: sparse leaves as lists aligned with self.layers
+  def _leaves(self, tree: Any) -> list[Any]:
+    return jax.tree.leaves(tree, is_leaf=_is_none)
+
+  def _per_layer(self, tree: Any) -> list[Any]:
+    leaves = self._leaves(tree)
+    return [leaves[layer.index] for layer in self.layers]
+
+  def _tree(self, per_layer: list[Any], base: Any = None) -> Any:
+    """Puts per-layer values into a params-shaped tree (None elsewhere, or `base`'s leaves)."""
+    leaves = [None] * self.treedef.num_leaves if base is None else self._leaves(base)
+    for layer, v in zip(self.layers, per_layer, strict=True):
+      leaves[layer.index] = v
+    return jax.tree.unflatten(self.treedef, leaves)
+
+  def _map(self, fn, tree: Any, masks: Any) -> Any:
+    """Applies fn(leaf, mask) to the sparse leaves of a params-shaped tree."""
+    new = [fn(x, m) for x, m in zip(self._per_layer(tree), self._per_layer(masks), strict=True)]
+    return self._tree(new, base=tree)
+
+  # ----- the interface the trainer uses
+  def initial_masks(self, params: Any, key: jax.Array) -> dict[str, Any]:
+    masks = [
+      _random(jax.random.fold_in(key, layer.index), layer, layer.active_blocks)
+      for layer in self.layers
+    ]
+    return {'masks': self._tree(masks)}
+
+  def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
+    """Initial masks with exact counts; returns (sstate, params masked and optionally rescaled)."""
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.key_data(rng)
+    key = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
+    sstate = self.initial_masks(params, jax.random.fold_in(key, 1))
+    sstate.update(
+      ever=sstate['masks'],
+      churn=jnp.zeros((), jnp.float32),
+      key=jax.random.key_data(jax.random.fold_in(key, 2)),
+      updates=jnp.zeros((), jnp.int32),
+    )
+    if self.init_rescale:
+      params = self._map(rescale_fan_in, params, sstate['masks'])
+    return sstate, self.init_params(sstate, params)
+
+  def init_params(self, sstate: dict[str, Any], params: Any) -> Any:
+    return self.forward_params(sstate, params)
+
+  def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
+    """The weights the forward pass uses: masked weights are exactly zero."""
+    return self._map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, sstate['masks'])
+
+  def trained_set(self, sstate: dict[str, Any]) -> Any:
+    """The positions the optimizer may move (the masks; Top-KAST: set B)."""
+    return sstate['masks']
+
+  def param_grads(self, sstate: dict[str, Any], params: Any, g_fwd: Any) -> Any:
+    """Gradients w.r.t. the params from those w.r.t. the forward weights, on the trained set."""
+    del params
+    return self.mask_updates(sstate, g_fwd)
+
+  def mask_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
+    """Zeroes optimizer updates outside the trained set (after the optimizer: momentum and
+    decoupled weight decay never move an inactive weight)."""
+    return self._map(
+      lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, self.trained_set(sstate)
+    )
+
+  def capture(self) -> contextlib.AbstractContextManager:
+    """Context for the trainer's model.apply; only GSE captures anything (see gse.py)."""
+    return contextlib.nullcontext()
+
+  def loss_penalty(self, sstate: dict[str, Any], params: Any) -> jax.Array:
+    """The rule's regulariser, for reporting (param_grads already adds its gradient)."""
+    del sstate, params
+    return jnp.zeros((), jnp.float32)
+
+  def update(
+    self,
+    sstate: dict[str, Any],
+    params: Any,
+    g_fwd: Any,
+    opt_state: Any,
+    step: jax.Array,
+    rng: jax.Array | None = None,
+    aux: Any = None,
+  ) -> tuple[dict[str, Any], Any, Any]:
+    """Runs the mask update when the schedule says so and every gradient is finite.
+
+    Randomness is `rng` (or the state's key) folded with the step, so every device draws the
+    same masks. Static shapes throughout: the step compiles once.
+    """
+    if not self.updates_masks or not self.layers:
+      return sstate, params, opt_state
+    step = jnp.asarray(step, jnp.int32)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(g_fwd)]))
+    base = sstate['key'] if rng is None else rng
+    if jax.dtypes.issubdtype(base.dtype, jax.dtypes.prng_key):
+      base = jax.random.key_data(base)
+    key = jax.random.fold_in(jax.random.wrap_key_data(base), step)
+
+    def run(operands):
+      sstate, params, opt_state = operands
+      return self._apply(sstate, params, g_fwd, opt_state, step, key, aux)
+
+    return jax.lax.cond(
+      self.schedule.is_update(step) & finite, run, lambda o: o, (sstate, params, opt_state)
+    )
+
+  def _apply(self, sstate, params, g_fwd, opt_state, step, key, aux):
+    """Runs the subclass's new_masks (new sstate entries, at least 'masks') and commits them."""
+    new = self.new_masks(sstate, params, g_fwd, step, key, aux)
+    old_masks = self._per_layer(sstate['masks'])
+    masks = self._per_layer(new['masks'])
+    left = sum(_count(o & ~m) for o, m in zip(old_masks, masks, strict=True))
+    before = sum(_count(o) for o in old_masks)
+    grown = [m & ~o for o, m in zip(old_masks, masks, strict=True)]
+    sstate = {
+      **sstate,
+      **new,
+      'ever': self._tree([e | m for e, m in zip(self._per_layer(sstate['ever']), masks, strict=True)]),
+      'churn': left / jnp.maximum(before, 1).astype(jnp.float32),
+      'updates': sstate['updates'] + 1,
+    }
+    return sstate, self.commit_params(sstate, params), self.zero_opt_state(opt_state, grown)
+
+  def commit_params(self, sstate: dict[str, Any], params: Any) -> Any:
+    """Dropped and regrown weights are 0 (regrown ones start at 0)."""
+    return self.forward_params(sstate, params)
+
+  def zero_opt_state(self, opt_state: Any, grown: list[jax.Array]) -> Any:
+    """Zeroes every optimizer-state leaf of a sparse weight at the newly grown positions."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
+    out = []
+    for kp, leaf in flat:
+      i = self._match(path_of(kp), tuple(getattr(leaf, 'shape', ())))
+      out.append(leaf if i is None else jnp.where(grown[i], jnp.zeros_like(leaf), leaf))
+    return jax.tree.unflatten(treedef, out)
+
+  def _match(self, path: tuple[str, ...], shape: tuple[int, ...]) -> int | None:
+    """Which sparse layer an optimizer-state leaf belongs to (its index in self.layers).
+
+    Optax states mirror the params tree (mu, nu, trace, ...), so the leaf's path ends with its
+    param's path: the longest such param of the same shape wins. A leaf matching no path is
+    matched by shape only when that is unambiguous.
+    """
+    by_index = {layer.index: j for j, layer in enumerate(self.layers)}
+    hits = [
+      i
+      for i, (p, s) in enumerate(zip(self.paths, self.shapes, strict=True))
+      if s == shape and len(p) <= len(path) and path[len(path) - len(p) :] == p
+    ]
+    if hits:
+      return by_index.get(max(hits, key=lambda i: len(self.paths[i])))
+    same = [i for i, s in enumerate(self.shapes) if s == shape]
+    if not any(i in by_index for i in same):
+      return None
+    if len(same) > 1:
+      raise ValueError(
+        f'optimizer state leaf {"/".join(path)} {shape} matches no param path and several '
+        f'params by shape ({", ".join("/".join(self.paths[i]) for i in same)})'
+      )
+    return by_index[same[0]]
+
+  def metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
+    """Global and per-layer density of the forward masks, churn and in-time over-parameterisation."""
+    if not self.layers:
+      return {'sparsity/density': jnp.ones((), jnp.float32)}
+    masks = self._per_layer(sstate['masks'])
+    ever = self._per_layer(sstate['ever'])
+    total = float(sum(layer.size for layer in self.layers))
+    out = {
+      'sparsity/density': sum(_count(m) for m in masks) / total,
+      'sparsity/churn': sstate['churn'],
+      'sparsity/itop': sum(_count(e) for e in ever) / total,
+    }
+    for layer, m in zip(self.layers, masks, strict=True):
+      out[f'sparsity/density/{layer.name}'] = _count(m) / float(layer.size)
+    return out
+
+
+@RULES.register('dense')
+class Dense(Rule):
+  """No masks at all (the plan is empty)."""
+
+  updates_masks = False
+
+
+@RULES.register('static')
+class Static(Rule):
+  """Random masks with exact counts, never updated."""
+
+  updates_masks = False
+
+
+class _DropGrow(Rule):
+  """Drop the f_t fraction of active weights with the smallest |w|; grow as many elsewhere."""
+
+  def new_masks(self, sstate, params, g_fwd, step, key, aux):
+    del aux
+    frac = self.drop(step)
+    out = []
+    for layer, m, p, g in zip(
+      self.layers,
+      self._per_layer(sstate['masks']),
+      self._per_layer(params),
+      self._per_layer(g_fwd),
+      strict=True,
+    ):
+      n_drop = jnp.round(frac * layer.active_blocks).astype(jnp.int32)
+      if not self.regrow_dropped:
+        n_drop = jnp.minimum(n_drop, layer.blocks - layer.active_blocks)
+      keep = _topk(p, layer.active_blocks - n_drop, layer, valid=m)
+      candidates = ~keep if self.regrow_dropped else ~m
+      grow = self.grow_scores(layer, g, jax.random.fold_in(key, layer.index), candidates, n_drop)
+      out.append(keep | grow)
+    return {'masks': self._tree(out)}
+
+
+@RULES.register('set')
+class SET(_DropGrow):
+  """SET: regrow uniformly at random among the candidates."""
+
+  def grow_scores(self, layer, g, key, candidates, n):
+    del g
+    return _random(key, layer, n, candidates)
+
+
+@RULES.register('rigl')
+class RigL(_DropGrow):
+  """RigL: regrow where |dL/dw| of the full masked weight on the current batch is largest."""
+
+  def grow_scores(self, layer, g, key, candidates, n):
+    del key
+    return _topk(g, n, layer, valid=candidates)
+
+
+@RULES.register('topkast')
+class TopKAST(Rule):
+  """Top-KAST: dense theta; forward set A, backward set B (A inside B), exploration penalty.
+
+  `masks` hold A and `backward` holds B, both the top magnitudes of theta (one total order, so
+  A is a prefix of B). Weights outside B keep their values and get no update.
+  """
+
+  def __init__(self, config, params_shapes, layers):
+    super().__init__(config, params_shapes, layers)
+    s = config.sparsity
+    self.penalty = float(s.topkast_penalty)
+    every = int(s.topkast_every_steps)
+    self.schedule = UpdateSchedule(every, int(s.start_step), int(config.total_steps) + 1)
+    back = float(s.backward_level)
+    check_level(back, 'sparsity.backward_level')
+    if back > float(s.level):
+      raise ValueError(
+        f'sparsity.backward_level={back} is above sparsity.level={s.level}: '
+        'Top-KAST needs the backward set to contain the forward set'
+      )
+    scale = (1.0 - back) / (1.0 - float(s.level))
+    self.backward_blocks = [
+      max(layer.active_blocks, min(layer.blocks, exact_count(scale * (1 - layer.sparsity), layer.blocks)))
+      for layer in layers
+    ]
+
+  def _sets(self, params):
+    ps = self._per_layer(params)
+    a = [_topk(p, layer.active_blocks, layer) for layer, p in zip(self.layers, ps, strict=True)]
+    b = [_topk(p, k, layer) for layer, p, k in zip(self.layers, ps, self.backward_blocks, strict=True)]
+    return {'masks': self._tree(a), 'backward': self._tree(b)}
+
+  def initial_masks(self, params, key):
+    return self._sets(params)
+
+  def init_params(self, sstate, params):
+    return params
+
+  def trained_set(self, sstate):
+    return sstate['backward']
+
+  def _penalty_weights(self, sstate):
+    """Per-layer weight of theta^2 in the penalty: 1 on A, 1/D on B minus A, 0 outside B."""
+    return [
+      jnp.where(a, 1.0, jnp.where(b, 1.0 / (1.0 - layer.sparsity), 0.0))
+      for layer, a, b in zip(
+        self.layers, self._per_layer(sstate['masks']), self._per_layer(sstate['backward']), strict=True
+      )
+    ]
+
+  def loss_penalty(self, sstate, params):
+    terms = [
+      jnp.sum(w * jnp.square(p))
+      for w, p in zip(self._penalty_weights(sstate), self._per_layer(params), strict=True)
+    ]
+    return self.penalty * sum(terms, jnp.zeros((), jnp.float32))
+
+  def param_grads(self, sstate, params, g_fwd):
+    """Straight-through from A to B: g_fwd plus the penalty's gradient, on B only."""
+    reg = [
+      g + (2.0 * self.penalty) * w * p
+      for g, w, p in zip(
+        self._per_layer(g_fwd), self._penalty_weights(sstate), self._per_layer(params), strict=True
+      )
+    ]
+    return self.mask_updates(sstate, self._tree(reg, base=g_fwd))
+
+  def new_masks(self, sstate, params, g_fwd, step, key, aux):
+    return self._sets(params)
+
+  def commit_params(self, sstate, params):
+    return params
+
+  def zero_opt_state(self, opt_state, grown):
+    return opt_state
+
+  def metrics(self, sstate):
+    out = super().metrics(sstate)
+    if self.layers:
+      back = self._per_layer(sstate['backward'])
+      total = float(sum(layer.size for layer in self.layers))
+      out['sparsity/backward_density'] = sum(_count(b) for b in back) / total
+    return out
+
+
+@RULES.register('gse')
+class GSE(Rule):
+  """Guided stochastic exploration: grow by gradients at sampled inactive positions only.
+
+  Per layer: sample gamma * |active| inactive candidates uniformly, compute the gradient there
+  from the layer's inputs and output gradients (`aux`, see `capture`), grow the top
+  alpha_t * |active| by |gradient|, then prune back to the target count by |w| among the
+  previously active weights, so a weight just grown is never pruned.
+  """
+
+  needs_aux = True
+
+  def __init__(self, config, params_shapes, layers):
+    super().__init__(config, params_shapes, layers)
+    s = config.sparsity
+    self.gamma = float(s.gse_gamma)
+    if self.gamma <= 0:
+      raise ValueError(f'sparsity.gse_gamma={self.gamma} must be > 0')
+    self.grow = DropSchedule(s.drop_schedule, float(s.gse_alpha), self.schedule.end, float(s.drop_decay))
+    for layer in layers:
+      if layer.block != (1, 1):
+        raise ValueError(f'gse supports block_shape (1, 1) only, got {layer.block}')
+    self.samples = [
+      min(int(round(self.gamma * layer.active)), layer.size - layer.active) for layer in layers
+    ]
+
+  def capture(self) -> contextlib.AbstractContextManager:
+    return gse.capture([self.paths[layer.index] for layer in self.layers])
+
+  def zero_perturbations(self, model, variables: Any, *args, **kwargs) -> Any:
+    """The zero 'perturbations' collection the trainer differentiates to get output grads."""
+    return gse.zero_perturbations(model, self.capture, variables, *args, **kwargs)
+
+  def new_masks(self, sstate, params, g_fwd, step, key, aux):
+    del g_fwd
+    if aux is None:
+      raise ValueError('gse needs aux (layer inputs and output gradients); see GSE.capture')
+    frac = self.grow(step)
+    out = []
+    for layer, c, m, p in zip(
+      self.layers, self.samples, self._per_layer(sstate['masks']), self._per_layer(params), strict=True
+    ):
+      x, gy = gse.layer_aux(aux, self.paths[layer.index], layer.shape)
+      cand = select.random_mask(jax.random.fold_in(key, layer.index), layer.shape, c, ~m)
+      idx = jnp.nonzero(cand.reshape(-1), size=c, fill_value=0)[0]  # (C,)
+      g = gse.sampled_grads(x, gy, idx)  # (C,)
+      k = jnp.minimum(jnp.round(frac * layer.active).astype(jnp.int32), c)
+      top = select.topk_mask(jnp.abs(g), k)  # (C,)
+      grown = jnp.zeros(layer.size, bool).at[idx].max(top).reshape(layer.shape)
+      keep = _topk(p, layer.active - _count(grown), layer, valid=m)
+      out.append(keep | grown)
+    return {'masks': self._tree(out)}
+
+
+@RULES.register('gmp')
+class GMP(Rule):
+  """Gradual magnitude pruning (Zhu & Gupta): dense start, cubic schedule to each layer's target.
+
+  Each update keeps the round((1 - s_t) * n) largest |w| among the active weights, with
+  s_t = s_layer * (1 - (1 - progress)^3) reaching s_layer at the last update step.
+  """
+
+  def __init__(self, config, params_shapes, layers):
+    super().__init__(config, params_shapes, layers)
+    sch = self.schedule
+    last = sch.start + max((sch.end - 1 - sch.start) // sch.every, 1) * sch.every
+    self.target = TargetSchedule('cubic', sch.start, last)
+
+  def initial_masks(self, params, key):
+    return {'masks': self._tree([jnp.ones(layer.shape, bool) for layer in self.layers])}
+
+  def target_active_blocks(self, step: jax.Array) -> list[jax.Array]:
+    frac = self.target(step)
+    return [
+      jnp.round((1.0 - layer.sparsity * frac) * layer.blocks).astype(jnp.int32)
+      for layer in self.layers
+    ]
+
+  def new_masks(self, sstate, params, g_fwd, step, key, aux):
+    masks = [
+      _topk(p, k, layer, valid=m)
+      for layer, k, m, p in zip(
+        self.layers,
+        self.target_active_blocks(step),
+        self._per_layer(sstate['masks']),
+        self._per_layer(params),
+        strict=True,
+      )
+    ]
+    return {'masks': self._tree(masks)}

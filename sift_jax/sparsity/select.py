@@ -1,0 +1,111 @@
+"""Exact top-k selection in linear time, and block views of masks.
+
+`topk_mask` picks exactly k entries of a score array without sorting: the k-th largest
+score is found by bisection over the bits of an order-preserving integer image of the
+floats (32 counting passes, each linear in n), and ties at the threshold are broken by
+index (lowest first), so counts are exact and the result equals a stable descending
+argsort. k may be a traced value: shapes never depend on it, so nothing recompiles.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Candidate thresholds counted per pass: 2**_BITS_PER_PASS - 1 counts share one read of the data.
+_BITS_PER_PASS = 2
+
+
+def order_keys(scores: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (-0.0 counts as +0.0; NaN with all bits set maps to 0)."""
+  scores = scores.astype(jnp.float32)
+  scores = jnp.where(scores == 0, jnp.float32(0), scores)
+  bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
+  negative = (bits >> 31) == 1
+  return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_largest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
+  """The k-th largest value of uint32 `keys` (1 <= k <= keys.size), bit by bit from the top."""
+  step = 2**_BITS_PER_PASS
+  offsets = jnp.arange(1, step, dtype=jnp.uint32)  # (step - 1,)
+
+  def body(i, t):
+    shift = (32 - _BITS_PER_PASS * (i + 1)).astype(jnp.uint32)
+    cands = t | (offsets << shift)  # (step - 1,)
+    counts = jnp.stack([jnp.sum(keys >= c, dtype=jnp.int32) for c in cands])
+    # The largest candidate that still keeps at least k keys at or above it.
+    ok = counts >= k
+    best = jnp.max(jnp.where(ok, offsets, 0))
+    return t | (best << shift)
+
+  return jax.lax.fori_loop(0, 32 // _BITS_PER_PASS, body, jnp.uint32(0))
+
+
+def topk_keys_mask(keys: jax.Array, k: jax.Array | int) -> jax.Array:
+  """Bool mask of the k largest uint32 keys (ties by lowest flat index); exactly min(k, n)."""
+  flat = keys.reshape(-1)  # (n,)
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, flat.size)
+  t = _kth_largest_key(flat, jnp.maximum(k, 1))
+  above = flat > t
+  need = k - jnp.sum(above, dtype=jnp.int32)
+  tie = flat == t
+  chosen = above | (tie & (jnp.cumsum(tie, dtype=jnp.int32) <= need))
+  return chosen.reshape(keys.shape)
+
+
+def topk_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None) -> jax.Array:
+  """Bool mask of the k largest scores among `valid` entries; exactly min(k, #valid) True.
+
+  Invalid entries get key 0, below every valid key, so they are only taken when k exceeds the
+  number of valid entries; callers clamp k so that never happens.
+  """
+  keys = jnp.maximum(order_keys(scores), jnp.uint32(1))
+  if valid is not None:
+    keys = jnp.where(valid, keys, jnp.uint32(0))
+  k = jnp.asarray(k, jnp.int32)
+  if valid is not None:
+    k = jnp.minimum(k, jnp.sum(valid, dtype=jnp.int32))
+  return topk_keys_mask(keys, k)
+
+
+def random_mask(key: jax.Array, shape: tuple[int, ...], k, valid: jax.Array | None = None):
+  """Exactly k positions drawn uniformly without replacement among `valid` (all if None)."""
+  bits = jnp.maximum(jax.random.bits(key, shape, jnp.uint32), jnp.uint32(1))
+  if valid is not None:
+    bits = jnp.where(valid, bits, jnp.uint32(0))
+    k = jnp.minimum(k, jnp.sum(valid, dtype=jnp.int32))
+  return topk_keys_mask(bits, k)
+
+
+def check_block(shape: tuple[int, ...], block: tuple[int, int], name: str) -> None:
+  """Blocks tile the last two axes of a kernel; they must divide them."""
+  if len(block) != 2 or min(block) < 1:
+    raise ValueError(f'sparsity.block_shape {block} must be two positive ints')
+  if block != (1, 1) and (
+    len(shape) < 2 or shape[-2] % block[0] or shape[-1] % block[1]
+  ):
+    raise ValueError(f'block_shape {block} does not tile the last two axes of {name} {shape}')
+
+
+def num_blocks(shape: tuple[int, ...], block: tuple[int, int]) -> int:
+  return int(np.prod(shape)) // (block[0] * block[1])
+
+
+def to_blocks(x: jax.Array, block: tuple[int, int], reduce: str) -> jax.Array:
+  """Reduces (..., I, O) to (..., I/bi, O/bo) by 'sum' (scores) or 'any' (masks)."""
+  if block == (1, 1):
+    return x
+  bi, bo = block
+  *lead, i, o = x.shape
+  x = x.reshape(*lead, i // bi, bi, o // bo, bo)  # (..., I/bi, bi, O/bo, bo)
+  axes = (len(lead) + 1, len(lead) + 3)
+  return jnp.any(x, axis=axes) if reduce == 'any' else jnp.sum(x, axis=axes)
+
+
+def from_blocks(mb: jax.Array, block: tuple[int, int]) -> jax.Array:
+  """Expands a block mask (..., I/bi, O/bo) to the weight's shape (..., I, O)."""
+  if block == (1, 1):
+    return mb
+  return jnp.repeat(jnp.repeat(mb, block[0], axis=-2), block[1], axis=-1)

@@ -1,0 +1,491 @@
+"""The sparse training engine: exact selection, plans, every rule's invariants, errors, export."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sift_jax import config_lib, sparsity
+from sift_jax.sparsity import gse, plan, select
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+DYNAMIC = ('set', 'rigl', 'topkast', 'gse', 'gmp')
+
+
+def make_config(rule: str, level: float = 0.8, **kw) -> config_lib.ml_collections.ConfigDict:
+  c = config_lib.base_config()
+  c.total_steps = 40
+  c.sparsity.rule = rule
+  c.sparsity.level = 0.0 if rule == 'dense' else level
+  c.sparsity.update_every_steps = 2
+  c.sparsity.topkast_every_steps = 2
+  c.sparsity.drop_schedule = 'constant'
+  c.sparsity.backward_level = level / 2 if rule == 'topkast' else 0.0
+  for k, v in kw.items():
+    setattr(c.sparsity, k, v)
+  return c
+
+
+class MLP(nn.Module):
+  widths: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, x):
+    for i, w in enumerate(self.widths[:-1]):
+      x = nn.relu(nn.Dense(w, name=f'fc{i}')(x))
+    return nn.Dense(self.widths[-1], name='head')(x)
+
+
+def sparse_paths(widths):
+  return [(f'fc{i}', 'kernel') for i in range(len(widths) - 1)]
+
+
+class Harness:
+  """A tiny train loop that drives a rule exactly as the trainer does (DESIGN.md)."""
+
+  def __init__(self, rule_name, widths=(13, 7), d_in=5, level=0.8, tx=None, seed=0, **kw):
+    self.model = MLP(widths)
+    self.x = jax.random.normal(jax.random.PRNGKey(seed + 7), (6, d_in))
+    self.y = jax.random.normal(jax.random.PRNGKey(seed + 8), (6, widths[-1]))
+    params = self.model.init(jax.random.PRNGKey(seed), self.x)['params']
+    self.rule = sparsity.make_rule(make_config(rule_name, level, **kw), params, sparse_paths(widths))
+    self.sstate, self.params = self.rule.init(params, jax.random.PRNGKey(seed + 1))
+    self.tx = tx or optax.adamw(0.05, weight_decay=0.1)
+    self.opt_state = self.tx.init(self.params)
+    self.perts = (
+      self.rule.zero_perturbations(self.model, {'params': params}, self.x)
+      if self.rule.needs_aux
+      else None
+    )
+    self.step_fn = jax.jit(self._step)
+
+  def grads(self, sstate, params):
+    fwd = self.rule.forward_params(sstate, params)
+
+    def loss_fn(fwd, perts):
+      v = {'params': fwd} if perts is None else {'params': fwd, 'perturbations': perts}
+      out, mut = self.model.apply(v, self.x, mutable=['intermediates'])
+      return jnp.mean((out - self.y) ** 2), mut.get('intermediates', {})
+
+    with self.rule.capture():
+      (_, inter), (g, gp) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(fwd, self.perts)
+    aux = {'intermediates': inter, 'perturbations': gp} if self.rule.needs_aux else None
+    return g, aux
+
+  def _step(self, sstate, params, opt_state, step):
+    g, aux = self.grads(sstate, params)
+    grads = self.rule.param_grads(sstate, params, g)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    updates = self.rule.mask_updates(sstate, updates)
+    params = optax.apply_updates(params, updates)
+    return self.rule.update(sstate, params, g, opt_state, step, None, aux)
+
+  def run(self, steps, start=0):
+    for i in range(start, start + steps):
+      yield i, self.sstate, self.params, self.opt_state
+      self.sstate, self.params, self.opt_state = self.step_fn(
+        self.sstate, self.params, self.opt_state, i
+      )
+
+  def layer(self, tree, name):
+    return np.asarray(tree[name]['kernel'])
+
+
+# ----- exact selection
+
+
+@FAST
+@given(st.integers(1, 400), st.data(), st.booleans())
+def test_topk_equals_stable_argsort(n, data, ties):
+  k = data.draw(st.integers(0, n))
+  rng = np.random.default_rng(n)
+  s = rng.normal(size=n).astype(np.float32)
+  if ties:
+    s = np.round(s)  # many equal scores, including -0.0 and +0.0
+  got = np.asarray(select.topk_mask(jnp.asarray(s), k))
+  ref = np.zeros(n, bool)
+  ref[np.argsort(-s, kind='stable')[:k]] = True
+  np.testing.assert_array_equal(got, ref)
+
+
+def test_topk_respects_valid_and_large_values():
+  s = jnp.asarray([3e38, -3e38, np.inf, -np.inf, 0.0, 1.0, 2.0], jnp.float32)
+  valid = jnp.asarray([True, True, False, True, True, True, False])
+  got = np.asarray(select.topk_mask(s, 3, valid))
+  np.testing.assert_array_equal(got, [True, False, False, False, True, True, False])
+  # More than the valid count asked: exactly the valid entries.
+  assert int(select.topk_mask(s, 7, valid).sum()) == 5
+
+
+# ----- plans and distributions
+
+
+@FAST
+@given(
+  st.lists(st.tuples(st.integers(2, 40), st.integers(2, 40)), min_size=1, max_size=5),
+  st.floats(0.0, 0.99),
+)
+def test_erk_meets_global_target(shapes, s):
+  levels = plan.erk(shapes, s, 1.0)
+  sizes = np.array([np.prod(x) for x in shapes])
+  dens = 1 - np.array(levels)
+  assert np.all(dens <= 1 + 1e-9) and np.all(dens >= 0)
+  np.testing.assert_allclose((dens * sizes).sum(), (1 - s) * sizes.sum(), rtol=1e-9)
+
+
+def test_erk_makes_small_layers_dense_and_resolves():
+  levels = plan.erk([(3, 3), (500, 500)], 0.5, 1.0)
+  assert levels[0] == 0.0  # would exceed density 1
+  np.testing.assert_allclose(9 + (1 - levels[1]) * 250000, 0.5 * 250009)
+
+
+@FAST
+@given(st.integers(3, 31), st.integers(3, 31), st.sampled_from([0.5, 0.75, 0.9, 0.97]))
+def test_initial_masks_exact_counts(a, b, s):
+  params = {'l0': {'kernel': jnp.ones((a, b))}, 'l1': {'kernel': jnp.ones((b, a)), 'bias': jnp.ones(a)}}
+  rule = sparsity.make_rule(make_config('static', s), params, [('l0', 'kernel'), ('params', 'l1', 'kernel')])
+  sstate, p = rule.init(params, jax.random.PRNGKey(a * b))
+  for name, (x, y) in (('l0', (a, b)), ('l1', (b, a))):
+    m = np.asarray(sstate['masks'][name]['kernel'])
+    assert m.shape == (x, y) and m.sum() == round((1 - s) * x * y)
+    np.testing.assert_array_equal(np.asarray(p[name]['kernel']), m.astype(np.float32))
+  assert sstate['masks']['l1']['bias'] is None
+
+
+def test_default_filter_skips_first_last_embeddings_norms():
+  shapes = {
+    'embed': {'embedding': jnp.zeros((9, 4))},
+    'conv_0': {'kernel': jnp.zeros((3, 3, 3, 8))},
+    'conv_2': {'kernel': jnp.zeros((3, 3, 8, 8))},
+    'conv_10': {'kernel': jnp.zeros((3, 3, 8, 8))},
+    'norm': {'scale': jnp.zeros(8)},
+    'head': {'kernel': jnp.zeros((8, 10))},
+  }
+  layers = plan.make_plan(shapes, 0.5)
+  assert [layer.name for layer in layers] == ['conv_10/kernel', 'conv_2/kernel']
+
+
+def test_overrides_set_layer_sparsity():
+  params = {'a': {'kernel': jnp.ones((10, 10))}, 'b': {'kernel': jnp.ones((10, 10))}}
+  layers = plan.make_plan(params, 0.5, 'uniform', [('a', 'kernel')], 'b/*=0.9, a/kernel=0.2')
+  assert {(x.name, x.active) for x in layers} == {('a/kernel', 80), ('b/kernel', 10)}
+
+
+@pytest.mark.parametrize(
+  ('field', 'value', 'match'),
+  [
+    ('level', 1.0, 'outside'),
+    ('level', -0.1, 'outside'),
+    ('rule', 'magic', 'known: dense'),
+    ('distribution', 'zipf', 'known: erk'),
+    ('backward_level', 0.95, 'above'),
+    ('drop_fraction', 1.5, 'drop_fraction'),
+    ('drop_schedule', 'linear', 'allowed'),
+    ('overrides', 'nothing*=0.5', 'names no parameter'),
+    ('block_shape', (3, 1), 'does not tile'),
+  ],
+)
+def test_bad_config_raises(field, value, match):
+  params = {'a': {'kernel': jnp.ones((8, 8))}, 'b': {'kernel': jnp.ones((8, 8))}}
+  c = make_config('topkast' if field == 'backward_level' else 'rigl', 0.9)
+  setattr(c.sparsity, field, value)
+  with pytest.raises(ValueError, match=match):
+    sparsity.make_rule(c, params, [('a', 'kernel')])
+
+
+# ----- every rule's invariants over a few steps
+
+
+@FAST
+@given(
+  st.sampled_from(DYNAMIC + ('static',)),
+  st.tuples(st.integers(5, 19), st.integers(3, 11)),
+  st.sampled_from([0.5, 0.8, 0.9]),
+  st.sampled_from(['sgd', 'adamw']),
+)
+def test_rule_invariants(rule_name, widths, s, opt):
+  tx = optax.sgd(0.1, momentum=0.9) if opt == 'sgd' else optax.adamw(0.05, weight_decay=0.1)
+  h = Harness(rule_name, widths=widths, level=s, tx=tx, seed=widths[0])
+  prev = None
+  for step, sstate, params, opt_state in h.run(9):
+    masks = sstate['masks']
+    fwd = h.rule.forward_params(sstate, params)
+    for layer in h.rule.layers:
+      name = layer.name.split('/')[0]
+      m = h.layer(masks, name)
+      target = layer.active
+      if rule_name == 'gmp':
+        target = int(h.rule.target_active_blocks(jnp.asarray(step - 1))[h.rule.layers.index(layer)])
+        if prev is None:
+          target = layer.size
+      assert m.sum() == target, (rule_name, step, layer.name)
+      assert np.all(h.layer(fwd, name)[~m] == 0)  # masked weights exactly zero in the forward pass
+      if rule_name != 'topkast':
+        assert np.all(h.layer(params, name)[~m] == 0)
+      if prev is not None and rule_name not in ('topkast', 'gmp'):
+        grown = m & ~h.layer(prev, name)
+        assert np.all(h.layer(params, name)[grown] == 0)  # regrown weights start at 0
+        for leaf in moments(opt_state, name):
+          assert np.all(leaf[grown] == 0)
+    prev = masks
+  if rule_name in DYNAMIC:  # RigL may legitimately regrow exactly what it dropped
+    assert float(h.rule.metrics(h.sstate)['sparsity/itop']) > float(met_density(h))
+
+
+def met_density(h):
+  return h.rule.metrics(h.sstate)['sparsity/density']
+
+
+def moments(opt_state, name):
+  """Every optimizer-state leaf of params[name]['kernel'] (trace for sgd, mu and nu for adam)."""
+  flat = jax.tree_util.tree_flatten_with_path(opt_state)[0]
+  out = [np.asarray(x) for kp, x in flat if plan.path_of(kp)[-2:] == (name, 'kernel')]
+  assert out
+  return out
+
+
+def test_update_schedule_and_nonfinite_skip():
+  h = Harness('set', level=0.8)
+  g, _ = h.grads(h.sstate, h.params)
+  for step, expect in ((0, False), (2, True), (3, False), (40, False)):
+    new, _, _ = h.rule.update(h.sstate, h.params, g, h.opt_state, step)
+    changed = not np.array_equal(h.layer(new['masks'], 'fc0'), h.layer(h.sstate['masks'], 'fc0'))
+    assert changed == expect, step
+  bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g)
+  new, _, _ = h.rule.update(h.sstate, h.params, bad, h.opt_state, 2)
+  np.testing.assert_array_equal(h.layer(new['masks'], 'fc0'), h.layer(h.sstate['masks'], 'fc0'))
+
+
+# ----- rule-specific references
+
+
+def test_rigl_grows_what_numpy_picks():
+  h = Harness('rigl', widths=(23, 5), d_in=17, level=0.9, regrow_dropped=True, drop_fraction=0.3)
+  params = h.params
+  g, _ = h.grads(h.sstate, params)
+  old = h.layer(h.sstate['masks'], 'fc0')
+  w = h.layer(params, 'fc0').reshape(-1)
+  grad = np.abs(np.asarray(g['fc0']['kernel'])).reshape(-1)
+  n_act = int(old.sum())
+  n_drop = int(np.round(np.float32(0.3) * n_act))
+  score = np.where(old.reshape(-1), np.abs(w), -np.inf)
+  keep = np.zeros(w.size, bool)
+  keep[np.argsort(-score, kind='stable')[: n_act - n_drop]] = True
+  grow_score = np.where(~keep, grad, -np.inf)
+  grow = np.zeros(w.size, bool)
+  grow[np.argsort(-grow_score, kind='stable')[:n_drop]] = True
+  new, _, _ = h.rule.update(h.sstate, params, g, h.opt_state, 2)
+  np.testing.assert_array_equal(h.layer(new['masks'], 'fc0').reshape(-1), keep | grow)
+
+
+def test_rigl_without_regrow_never_regrows_dropped():
+  h = Harness('rigl', widths=(23, 5), d_in=17, level=0.5, regrow_dropped=False, drop_fraction=0.5)
+  g, _ = h.grads(h.sstate, h.params)
+  old = h.layer(h.sstate['masks'], 'fc0')
+  new, _, _ = h.rule.update(h.sstate, h.params, g, h.opt_state, 2)
+  m = h.layer(new['masks'], 'fc0')
+  dropped = old & ~m
+  assert dropped.sum() > 0 and not np.any(m & dropped)
+  assert m.sum() == old.sum()
+
+
+def test_topkast_sets_and_untouched_weights():
+  h = Harness('topkast', widths=(19, 5), d_in=11, level=0.8)
+  for _ in h.run(5):
+    a = h.layer(h.sstate['masks'], 'fc0')
+    b = h.layer(h.sstate['backward'], 'fc0')
+    assert np.all(b[a]) and a.sum() == round(0.2 * a.size) and b.sum() == round(0.6 * b.size)
+    w = np.abs(h.layer(h.params, 'fc0'))
+    assert w[a].min() >= w[~a].max() and w[b].min() >= w[~b].max()
+  before = h.layer(h.params, 'fc0')
+  outside = ~h.layer(h.sstate['backward'], 'fc0')
+  _, params, _ = h.step_fn(h.sstate, h.params, h.opt_state, 5)  # step 5: no recompute
+  np.testing.assert_array_equal(h.layer(params, 'fc0')[outside], before[outside])
+  assert not np.array_equal(h.layer(params, 'fc0')[~outside], before[~outside])
+  pen = float(h.rule.loss_penalty(h.sstate, h.params))
+  a, b, w = (h.layer(h.sstate['masks'], 'fc0'), h.layer(h.sstate['backward'], 'fc0'), before)
+  ref = (w[a] ** 2).sum() + (w[b & ~a] ** 2).sum() / 0.2
+  np.testing.assert_allclose(pen, 1e-4 * ref, rtol=1e-5)
+
+
+def test_gse_sampled_grads_and_grow_prune():
+  x = jax.random.normal(jax.random.PRNGKey(0), (37, 11))
+  gy = jax.random.normal(jax.random.PRNGKey(1), (37, 7))
+  idx = jnp.asarray([0, 5, 76, 13, 40])
+  dense = np.asarray(x).T @ np.asarray(gy)
+  np.testing.assert_allclose(gse.sampled_grads(x, gy, idx), dense.reshape(-1)[idx], rtol=1e-5)
+
+  h = Harness('gse', widths=(23, 5), d_in=17, level=0.8)
+  g, aux = h.grads(h.sstate, h.params)
+  old = h.layer(h.sstate['masks'], 'fc0')
+  new, params, _ = h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, aux)
+  m = h.layer(new['masks'], 'fc0')
+  grown = m & ~old
+  k = int(np.round(np.float32(0.2) * old.sum()))
+  assert grown.sum() == k and m.sum() == old.sum()
+  # Grown positions carry the largest |gradient| among themselves vs. the kept magnitude order.
+  full = np.abs(np.asarray(g['fc0']['kernel']))
+  assert np.all(full[grown] > 0)
+  # The weights dropped are the smallest |w| among the old active ones; grown never dropped.
+  w = np.abs(h.layer(h.params, 'fc0'))
+  dropped = old & ~m
+  assert dropped.sum() == k and w[dropped].max() <= w[old & m].min()
+  # Only sampled positions are read: garbage g_fwd gives the same masks.
+  junk = jax.tree.map(lambda t: t * 0 + 1.0, g)
+  new2, _, _ = h.rule.update(h.sstate, h.params, junk, h.opt_state, 2, None, aux)
+  np.testing.assert_array_equal(h.layer(new2['masks'], 'fc0'), m)
+
+
+def test_gse_update_forms_no_dense_gradient():
+  h = Harness('gse', widths=(23, 5), d_in=17, level=0.8)
+  g, aux = h.grads(h.sstate, h.params)
+  jaxpr = jax.make_jaxpr(lambda a: h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, a))(aux)
+  text = str(jaxpr)
+  # Neither a matmul nor a per-example (batch, D_in, D_out) product of the dense gradient.
+  assert 'dot_general' not in text and 'f32[6,17,23]' not in text
+
+
+def test_gmp_reaches_target():
+  h = Harness('gmp', widths=(16, 5), d_in=10, level=0.75, update_every_steps=3)
+  for _ in h.run(31):
+    pass
+  assert h.layer(h.sstate['masks'], 'fc0').sum() == 40
+  dens = [float(x) for x in h.rule.target_active_blocks(jnp.arange(0, 31, 3))[0]]
+  assert dens[0] == 160 and dens == sorted(dens, reverse=True) and dens[-1] == 40
+
+
+def test_block_masks_keep_blocks_whole():
+  h = Harness('rigl', widths=(12, 4), d_in=8, level=0.75, block_shape=(2, 2))
+  for _ in h.run(5):
+    m = h.layer(h.sstate['masks'], 'fc0')
+    blocks = m.reshape(4, 2, 6, 2).transpose(0, 2, 1, 3).reshape(24, 4)
+    assert np.all(blocks.all(1) | ~blocks.any(1)) and m.sum() == 4 * 6
+
+
+# ----- optimizer state, other trees, resume, sharding, export
+
+
+def test_opt_state_matched_by_path_not_shape():
+  params = {'a': {'kernel': jnp.ones((6, 6))}, 'b': {'kernel': jnp.ones((6, 6))}}
+  rule = sparsity.make_rule(make_config('set', 0.5), params, [('b', 'kernel')])
+  opt = optax.sgd(0.1, momentum=0.9).init(params)
+  opt = jax.tree.map(jnp.ones_like, opt)
+  grown = [jnp.eye(6, dtype=bool)]
+  out = rule.zero_opt_state(opt, grown)
+  assert float(out[0].trace['a']['kernel'].sum()) == 36
+  assert float(out[0].trace['b']['kernel'].sum()) == 30
+
+
+def test_nnx_state():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(6, 16, rngs=rngs)
+      self.l2 = nnx.Linear(16, 16, rngs=rngs)
+      self.l3 = nnx.Linear(16, 3, rngs=rngs)
+
+  state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+  rule = sparsity.make_rule(make_config('rigl', 0.75), state)  # default filter: l2 only
+  assert [layer.name for layer in rule.layers] == ['l2/kernel']
+  sstate, params = rule.init(state, jax.random.PRNGKey(0))
+  g = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
+  opt = optax.adam(0.1).init(params)
+  new, params2, opt2 = jax.jit(rule.update)(sstate, params, g, opt, 2)
+  m = np.asarray(jax.tree.leaves(sparsity.masks_of(new))[0])
+  assert m.shape == (16, 16) and m.sum() == 64
+  assert sparsity.layer_densities(sparsity.masks_of(new)) == {('l2', 'kernel'): 0.25}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  import orbax.checkpoint as ocp
+
+  full = Harness('rigl', level=0.8)
+  for _ in full.run(8):
+    pass
+  part = Harness('rigl', level=0.8)
+  for _ in part.run(5):
+    pass
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / 'c', {'s': part.sstate, 'p': part.params, 'o': part.opt_state})
+  ckpt.wait_until_finished()
+  back = ocp.StandardCheckpointer().restore(
+    tmp_path / 'c', {'s': part.sstate, 'p': part.params, 'o': part.opt_state}
+  )
+  fresh = Harness('rigl', level=0.8)
+  fresh.sstate, fresh.params, fresh.opt_state = back['s'], back['p'], back['o']
+  for _ in fresh.run(3, start=5):
+    pass
+  for a, b in zip(jax.tree.leaves(full.sstate), jax.tree.leaves(fresh.sstate), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(fresh.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+SHARDED = textwrap.dedent(
+  """
+  import os
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+  import jax, jax.numpy as jnp, numpy as np, optax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from sift_jax import sparsity
+  from tests.test_sparsity import make_config
+  assert jax.device_count() == 8
+  params = {'a': {'kernel': jax.random.normal(jax.random.PRNGKey(0), (64, 48))},
+            'b': {'kernel': jax.random.normal(jax.random.PRNGKey(1), (48, 40))}}
+  g = jax.tree.map(lambda p: jnp.sin(3 * p), params)
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('x', 'y'))
+  shard = NamedSharding(mesh, P('x', 'y'))
+  for rule_name in ('rigl', 'set', 'topkast', 'gmp'):
+    rule = sparsity.make_rule(make_config(rule_name, 0.9), params, [('a', 'kernel'), ('b', 'kernel')])
+    sstate, p = rule.init(params, jax.random.PRNGKey(3))
+    opt = optax.adam(0.1).init(p)
+    ref = jax.jit(rule.update)(sstate, p, g, opt, 2)
+    put = lambda t: jax.tree.map(lambda x: jax.device_put(x, shard) if x.ndim == 2 else x, t)
+    out = jax.jit(rule.update)(put(sstate), put(p), put(g), put(opt), 2)
+    assert jax.tree.leaves(out[0]['masks'])[0].sharding.num_devices == 8
+    for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  print('SHARDED OK')
+  """
+)
+
+
+def test_sharded_update_equals_unsharded():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  res = subprocess.run(
+    [sys.executable, '-c', SHARDED], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+  assert 'SHARDED OK' in res.stdout, res.stderr[-3000:]
+
+
+def test_export_roundtrip(tmp_path):
+  h = Harness('static', widths=(9, 4), d_in=7, level=0.7)
+  index = sparsity.export_sparse(h.params, sparsity.masks_of(h.sstate), str(tmp_path))
+  assert set(index) == {'fc0/kernel'}
+  assert index['fc0/kernel']['nnz'] == round(0.3 * 63)
+  back = sparsity.load_sparse(str(tmp_path))
+  np.testing.assert_array_equal(back['fc0/kernel'], h.layer(h.params, 'fc0'))
+
+
+def test_metrics_and_densities():
+  h = Harness('rigl', widths=(10, 4), d_in=10, level=0.9)
+  met = h.rule.metrics(h.sstate)
+  assert float(met['sparsity/density']) == pytest.approx(0.1)
+  assert float(met['sparsity/density/fc0/kernel']) == pytest.approx(0.1)
+  row = {k: float(v) for k, v in met.items()}
+  assert sparsity.layer_densities_from_metrics(row) == {('fc0', 'kernel'): pytest.approx(0.1)}
+  dense = sparsity.make_rule(make_config('dense'), h.params)
+  assert dense.layers == [] and float(dense.metrics({})['sparsity/density']) == 1.0
