@@ -19,7 +19,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from sift_jax import models
@@ -36,9 +35,20 @@ class LayerFlops:
 
 @dataclasses.dataclass
 class FlopReport:
-  per_layer: dict[str, LayerFlops]  # 'Block_0/attn/query/kernel' -> LayerFlops
+  per_layer: dict[str, LayerFlops]  # 'Block_0/query/kernel' -> LayerFlops
   forward: float  # per example, masked weights at their density
   forward_dense: float  # per example, every weight dense
+
+  def at_densities(self, densities: Mapping[tuple[str, ...], float]) -> float:
+    """Forward FLOPs per example with the given kernel densities (others as in this report)."""
+    by_name = {'/'.join(path): float(d) for path, d in densities.items()}
+    unknown = sorted(set(by_name) - set(self.per_layer))
+    if unknown:
+      raise ValueError(f'densities for unknown layers {unknown}; known: {sorted(self.per_layer)}')
+    return sum(
+      layer.dense_flops * by_name[name] if name in by_name else layer.flops
+      for name, layer in self.per_layer.items()
+    )
 
 
 def _record_call(records: dict[str, float], next_fun, args, kwargs, context) -> Any:

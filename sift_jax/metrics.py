@@ -19,12 +19,12 @@ import numpy as np
 LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'ml-collections')
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
   """JSON-ready Python value from numpy/jax scalars, arrays and nested maps."""
   if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
+    return {str(k): plain(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
+    return [plain(v) for v in value]
   if isinstance(value, (np.ndarray, jax.Array)):
     value = np.asarray(value)
     return value.item() if value.ndim == 0 else value.tolist()
@@ -50,7 +50,7 @@ class MetricWriter:
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.active:
       return
-    row = {'step': int(step), **_plain(dict(scalars))}
+    row = {'step': int(step), **plain(dict(scalars))}
     self._jsonl.write(json.dumps(row) + '\n')
     self._jsonl.flush()
     for k, v in row.items():
@@ -70,7 +70,7 @@ def write_json(path: str, obj: Mapping[str, Any]) -> None:
     return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
-    json.dump(_plain(dict(obj)), f, indent=2, sort_keys=True)
+    json.dump(plain(dict(obj)), f, indent=2, sort_keys=True)
     f.write('\n')
   os.replace(tmp, path)
 

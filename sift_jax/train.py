@@ -336,16 +336,18 @@ def train_and_evaluate(
     ckpt.close()
     writer.close()
 
-  summary = {
-    **final,
-    **run_facts(state, exp),
-    'resumed_from_step': start_step,
-    'wall_time_s': time.time() - t_start,
-    'device_kind': jax.devices()[0].device_kind,
-    'device_count': jax.device_count(),
-    'process_count': jax.process_count(),
-    **metrics_lib.provenance(),
-  }
+  summary = metrics_lib.plain(
+    {
+      **final,
+      **run_facts(state, exp),
+      'resumed_from_step': start_step,
+      'wall_time_s': time.time() - t_start,
+      'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(),
+      'process_count': jax.process_count(),
+      **metrics_lib.provenance(),
+    }
+  )
   metrics_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
   return summary
 
@@ -371,25 +373,25 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
           f'{guard.signal_name or "preemption"} received: saved a checkpoint at step {step} '
           f'in {ckpt.directory}; rerun the same command to resume'
         )
-      is_log = step % config.log_every_steps == 0 or step == total
       is_eval = every(step, config.eval_every_steps) or step == total
+      is_log = every(step, config.log_every_steps) or is_eval
       is_ckpt = every(step, config.checkpoint_every_steps) or step == total
-      if not (is_log or is_eval or is_ckpt):
+      if not (is_log or is_ckpt):
         continue
       row = jax.device_get(step_metrics)  # the only device-to-host transfer of a step
       check_finite(row, step, ckpt)
       if is_log:
         now = time.perf_counter()
         row.update(throughput(exp, (now - t_last) / (step - s_last)))
-        t_last, s_last = now, step
         densities = sparsity.layer_densities_from_metrics(row)
         row['flops/train_per_example'] = train_flops(exp, densities, step)
-      if is_eval:
-        row.update(evaluate(eval_step, state, dataset, exp.mesh))
-      writer.write(step, row)
-      final.update(row)
-      if is_log and config.progress and jax.process_index() == 0:
-        print(progress.line(step, row), flush=True)
+        if is_eval:
+          row.update(evaluate(eval_step, state, dataset, exp.mesh))
+        writer.write(step, row)
+        final.update(row)
+        if config.progress and jax.process_index() == 0:
+          print(progress.line(step, row), flush=True)
+        t_last, s_last = time.perf_counter(), step  # eval time is not step time
       if is_ckpt:
         ckpt.save(step, state)
   return state, final

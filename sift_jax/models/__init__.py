@@ -137,8 +137,8 @@ def _build_gpt(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn
   if not 0.0 <= m['dropout'] < 1.0:
     raise ValueError(f'model.dropout must be in [0, 1), got {m["dropout"]!r}')
   d_model = layers.scale_width(config, base_d, multiple_of=heads)
-  # Sparse Wide keeps d_ff = 4 d_model when it was left at the default.
-  d_ff = 4 * d_model if m['d_ff'] == 0 else layers.scale_width(config, m['d_ff'])
+  # Sparse Wide keeps the ratio d_ff / d_model (GPT-3 Small: 3072 -> 4368 with d_model 1092).
+  d_ff = 4 * d_model if m['d_ff'] == 0 else -(-m['d_ff'] * d_model // base_d)
   return GPT(
     config=ml_collections.FrozenConfigDict(config),
     vocab_size=_positive('meta vocab_size', meta['vocab_size']),
@@ -168,7 +168,8 @@ def _build_resnet(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) ->
     num_classes=_positive('meta num_classes', meta['num_classes']),
     stage_blocks=STAGE_BLOCKS[m['depth']],
     stem=m['stem'],
-    widths=tuple(layers.scale_width(config, width * 2**i) for i in range(4)),
+    # The original code widens the base width, then doubles it per stage (90, 180, 360, 720).
+    widths=tuple(layers.scale_width(config, width) * 2**i for i in range(4)),
     dtype=DTYPES[m['dtype']],
   )
 

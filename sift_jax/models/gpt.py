@@ -18,7 +18,9 @@ class CausalAttentionCore(nn.Module):
 
   dropout: float
 
-  def forward_flops(self, q: jax.Array, k: jax.Array, v: jax.Array, train: bool) -> dict[str, float]:
+  def forward_flops(
+    self, q: jax.Array, k: jax.Array, v: jax.Array, train: bool
+  ) -> dict[str, float]:
     """Dense FLOPs of q k^T and probs v, each 2 B H T S Dh (the full T x T, as XLA counts)."""
     del v, train
     b, t, h, dh = q.shape

@@ -12,7 +12,6 @@ alone. `apply` never needs that collection.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,24 +23,20 @@ import ml_collections
 Initializer = Callable[..., jax.Array]
 NormFactory = Callable[..., nn.Module]
 
-# The members the factory can build today; the Sparse-IFT family (sift_jax/sift/) extends this.
-SUPPORTED_SIFT = ('dense',)
 SPARSE_COLLECTION = 'sparse'
 
 
-def _sift_name(config: ml_collections.ConfigDict) -> str:
-  name = config.sift.name
-  if name not in SUPPORTED_SIFT:
-    raise ValueError(
-      f'sift.name {name!r} cannot be built by the layer factory; allowed: {", ".join(SUPPORTED_SIFT)}'
-    )
-  return name
+def _member(config: ml_collections.ConfigDict) -> Any:
+  """The Sparse-IFT member of config.sift.name (an unknown name or bad switch raises)."""
+  # Imported here: sift_jax.sift builds its layers from this module's SparseDense / SparseConv.
+  from sift_jax import sift
+
+  return sift.member(config)
 
 
 def width_factor(config: ml_collections.ConfigDict) -> float:
-  """The model-level width multiplier of the Sparse-IFT member (Sparse Wide); 1.0 for dense."""
-  _sift_name(config)
-  return 1.0
+  """The model-level width multiplier of the Sparse-IFT member (Sparse Wide); 1.0 for others."""
+  return _member(config).width_factor()
 
 
 def scale_width(config: ml_collections.ConfigDict, width: int, multiple_of: int = 1) -> int:
@@ -50,10 +45,9 @@ def scale_width(config: ml_collections.ConfigDict, width: int, multiple_of: int 
   The two roundings are the original code's (SPEC.md section 1): ResNet widths truncate
   (64 -> 90 at b = 2) and GPT's d_model rounds up to a multiple of the heads (768 -> 1092).
   """
-  scaled = width * width_factor(config)
-  if multiple_of == 1:
-    return int(scaled)
-  return int(math.ceil(scaled / multiple_of - 1e-9)) * multiple_of
+  from sift_jax.sift import sizes
+
+  return sizes.scale_width(width, width_factor(config), multiple_of)
 
 
 def _declare_sparse(module: nn.Module) -> None:
@@ -127,8 +121,12 @@ def make_dense(
 
   `sparse` declares the kernel sparse (a transformed layer always is). Biases start at zero.
   """
-  _sift_name(config)
-  cls = SparseDense if (sparse or transform) else nn.Dense
+  member = _member(config)
+  if transform:
+    return member.dense(
+      features, name=name, kernel_init=kernel_init, use_bias=use_bias, dtype=dtype
+    )
+  cls = SparseDense if sparse else nn.Dense
   return cls(
     features,
     use_bias=use_bias,
@@ -154,16 +152,27 @@ def make_conv(
 ) -> nn.Module:
   """A bias-free convolution plus its normalisation, or the Sparse-IFT replacement of that unit.
 
-  Parameters live at `<name>/conv/kernel` and `<name>/norm/...`.
+  Untransformed (and with the dense and wide members) the parameters live at
+  `<name>/conv/kernel` and `<name>/norm/...`; the other members' units are in sift_jax.sift.layers.
   """
-  _sift_name(config)
+  member = _member(config)
+  if transform:
+    return member.conv(
+      features,
+      kernel_size,
+      name=name,
+      kernel_init=kernel_init,
+      norm=norm,
+      strides=strides,
+      dtype=dtype,
+    )
   return ConvNorm(
     features=features,
     kernel_size=tuple(kernel_size),
     strides=tuple(strides),
     kernel_init=kernel_init,
     norm=norm,
-    sparse=sparse or transform,
+    sparse=sparse,
     dtype=dtype,
     name=name,
   )
@@ -173,7 +182,7 @@ def sparse_kernel_paths(variables: Mapping[str, Any]) -> list[tuple[str, ...]]:
   """Paths (inside variables['params']) of every kernel a layer declared sparse, sorted."""
   if SPARSE_COLLECTION not in variables:
     raise ValueError(
-      f"variables have no {SPARSE_COLLECTION!r} collection (collections: {sorted(variables)}); "
+      f'variables have no {SPARSE_COLLECTION!r} collection (collections: {sorted(variables)}); '
       'pass the full output of model.init'
     )
   leaves = jax.tree_util.tree_flatten_with_path(variables[SPARSE_COLLECTION])[0]
