@@ -41,6 +41,9 @@ def main(argv: list[str]) -> None:
   if workdir is None:
     workdir = default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
     print(f'workdir: {workdir}', flush=True)
+  if not flags.FLAGS['verbosity'].present:
+    # orbax and jax log every save and compile at INFO; the progress line is what people read.
+    logging.set_verbosity(logging.WARNING)
   logging.info('config:\n%s', _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, workdir, mode=_MODE.value)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -250,3 +252,67 @@ train.train_and_evaluate(c, sys.argv[1])
       assert json.load(f)['device_count'] == n
     losses[n] = [r['train/loss'] for r in rows] + [rows[-1]['eval/loss']]
   np.testing.assert_allclose(losses[1], losses[8], rtol=2e-5)
+
+
+def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tmp_path):
+  flags = [
+    f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
+    '--config.data.name=digits',
+    '--config.model.hidden=(32,)',
+    '--config.total_steps=400',
+    '--config.checkpoint_every_steps=100',
+    '--config.eval.max_examples=64',
+  ]
+  straight = run_main([*flags, f'--workdir={tmp_path / "straight"}'], cwd=REPO)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'sift_jax.main', *flags, f'--workdir={workdir}'],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  ckpts = workdir / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+    ckpts.exists() and any(p.isdigit() for p in os.listdir(ckpts))
+  ):
+    time.sleep(0.05)
+  proc.kill()
+  proc.wait()
+  assert ckpts.exists(), 'no checkpoint appeared before the deadline'
+  resumed = run_main([*flags, f'--workdir={workdir}'], cwd=REPO)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  with open(workdir / 'summary.json') as f:
+    summary = json.load(f)
+  assert 0 < summary['resumed_from_step'] < 400
+  assert_trees_equal(final_params(tmp_path / 'straight'), final_params(workdir))
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
+  flags = [
+    f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
+    '--config.data.name=digits',
+    '--config.model.hidden=(32,)',
+    '--config.total_steps=100000',
+    '--config.checkpoint_every_steps=100000',
+    '--config.log_every_steps=10',
+    f'--workdir={tmp_path}',
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'sift_jax.main', *flags],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 300
+  while time.time() < deadline and not (tmp_path / 'metrics.jsonl').exists():
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert 'SIGTERM received: saved a checkpoint at step' in out
+  saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 10
