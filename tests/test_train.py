@@ -308,7 +308,8 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
     text=True,
   )
   deadline = time.time() + 300
-  while time.time() < deadline and not (tmp_path / 'metrics.jsonl').exists():
+  metrics_file = tmp_path / 'metrics.jsonl'
+  while time.time() < deadline and not (metrics_file.exists() and metrics_file.stat().st_size):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=120)
