@@ -130,6 +130,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = every device not used by fsdp
   c.mesh.fsdp = 1
+  c.mesh.fsdp_min_size = 2**14  # state leaves with fewer elements stay replicated
+
+  # Multi-host: jax.distributed.initialize() before any device is touched. Values left at
+  # their defaults come from the environment (the launcher, or a TPU/GPU cluster's own).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = False  # True: join a cluster (auto-detected on TPU pods, SLURM)
+  c.distributed.coordinator_address = ''  # host:port of process 0
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
   return c
 
 

@@ -179,11 +179,22 @@ def _main(argv: list[str]) -> None:
   else:
     shape = tuple(int(s) for s in flags.FLAGS.image_shape.split(','))
     meta = {'num_classes': flags.FLAGS.num_classes, 'image_shape': shape}
+  from sift_jax.sift import match  # sift_jax.sift builds on this module
+  from sift_jax.sift import report as sift_report
+
   model = models.build_model(config, meta)
-  densities = uniform_densities(model, config, meta, config.sparsity.level)
-  report = count_forward_flops(model, config, meta, densities)
+  level = match.mask_level(config, meta)  # solved with sift.match_flops
+  report = count_forward_flops(model, config, meta, uniform_densities(model, config, meta, level))
   print(format_table(report))
   print(f'params: {models.count_params(model, config, meta):,}')
+  if config.sift.name != 'dense':
+    r = sift_report.sift_flops(config, meta)
+    print(
+      f'sift {r.name} at s={r.level:g} (masks at s={r.mask_level:.4f}) vs the dense model: '
+      f'params {r.params / r.dense_params:.3f}x, active {r.active_params / r.dense_params:.3f}x, '
+      f'forward {r.forward / r.dense_forward:.4f}x, '
+      f'transformed layers {r.transformed / r.dense_transformed:.4f}x'
+    )
   train = training_flops_per_example(
     config.sparsity.rule, report.forward, report.forward_dense, config.sparsity.update_every_steps
   )

@@ -21,7 +21,17 @@ import numpy as np
 import optax
 from absl import logging
 
-from sift_jax import checkpointing, data, flops, models, optim, preemption, sharding, sparsity
+from sift_jax import (
+  checkpointing,
+  data,
+  flops,
+  launch,
+  models,
+  optim,
+  preemption,
+  sharding,
+  sparsity,
+)
 from sift_jax import metrics as metrics_lib
 from sift_jax.config_lib import RUN_LENGTH_KEYS
 from sift_jax.models.layers import sparse_kernel_paths
@@ -233,16 +243,21 @@ class Experiment:
   abstract_state: Any  # TrainState of ShapeDtypeStructs carrying the shardings
   flop_report: Any
 
+  def state_shardings(self) -> Any:
+    return jax.tree.map(lambda a: a.sharding, self.abstract_state)
+
   def new_state(self) -> TrainState:
-    shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
-    return jax.jit(self.init_state, out_shardings=shardings)(jax.random.PRNGKey(self.config.seed))
+    init = jax.jit(self.init_state, out_shardings=self.state_shardings())
+    return init(jax.random.PRNGKey(self.config.seed))
 
   def train_step(self):
     """The jitted train step; it donates the state."""
     step = make_train_step(
       self.model, self.tx, self.schedule, self.rule, self.dataset.kind, self.config
     )
-    return jax.jit(step, donate_argnums=(0,))
+    # Pinned output shardings: the state keeps its fsdp layout step after step (no recompiles).
+    out = (self.state_shardings(), sharding.replicated(self.mesh))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out)
 
   def eval_step(self):
     return jax.jit(make_eval_step(self.model, self.rule, self.dataset.kind))
@@ -284,7 +299,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
     abstract,
-    sharding.state_shardings(mesh, abstract),
+    sharding.state_shardings(mesh, abstract, config.mesh.fsdp_min_size),
   )
   return Experiment(
     config=config,
@@ -308,6 +323,7 @@ def train_and_evaluate(
     raise ValueError(f'unknown mode {mode!r}; known: {", ".join(MODES)}')
   t_start = time.time()
   use_compilation_cache()
+  launch.initialize(config)  # before anything touches a device
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir)
   exp = build_experiment(config)
@@ -436,8 +452,8 @@ def train_flops(exp: Experiment, densities, step: int) -> float:
 
 def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
   """Parameter counts, norms and FLOPs of the final state for summary.json."""
-  params = jax.device_get(state.params)
-  masks = jax.device_get(sparsity.masks_of(state.sparsity))
+  params = sharding.fetch(state.params)
+  masks = sharding.fetch(sparsity.masks_of(state.sparsity))
   total = int(sum(p.size for p in jax.tree.leaves(params)))
   mask_leaves = jax.tree.leaves(masks)  # dense weights have None masks: no leaves
   sparse = int(sum(m.size for m in mask_leaves))

@@ -188,8 +188,9 @@ def test_cli_prints_per_layer_table(tmp_path):
     check=True,
   ).stdout
   rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if '/' in line}
-  dense_hidden, dense_head = 2 * 16 * 13 / 1e6, 2 * 13 * 3 / 1e6
-  assert float(rows['hidden_0/kernel'][0]) == pytest.approx(dense_hidden, abs=1e-3)
+  assert float(rows['hidden_0/kernel'][0]) == pytest.approx(2 * 16 * 13 / 1e6, abs=1e-3)
+  assert float(rows['hidden_0/kernel'][2]) == pytest.approx(16 * 13 / 1e6, abs=1e-3)
+  assert float(rows['classifier/kernel'][0]) == pytest.approx(2 * 13 * 3 / 1e6, abs=1e-3)
   assert rows['hidden_0/kernel'][1] == '0.5000' and rows['classifier/kernel'][1] == '1.0000'
   assert 'params: 263' in out  # 16 * 13 + 13 + 13 * 3 + 3
   assert 'training GFLOPs per example (static)' in out

@@ -177,18 +177,17 @@ def numpy_gpt(params, tokens, num_heads):
   t = tokens.shape[1]
   x = wte[tokens] + p['wpe'][:t]  # (B, T, D)
   lin = lambda h, q: h @ q['kernel'] + q['bias']
+  heads = lambda a: a.reshape(*a.shape[:2], num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, T, Dh)
   i = 0
   while f'Block_{i}' in p:
     blk = p[f'Block_{i}']
     h = _layer_norm(x, blk['ln_1'])
     q, k, v = (lin(h, blk[n]) for n in ('query', 'key', 'value'))
-    b, _, d = q.shape
-    split = lambda a: a.reshape(b, t, num_heads, d // num_heads).transpose(0, 2, 1, 3)
-    s = split(q) @ split(k).transpose(0, 1, 3, 2) / math.sqrt(d // num_heads)  # (B, H, T, T)
+    s = heads(q) @ heads(k).transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1] // num_heads)
     s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
     prob = np.exp(s - s.max(-1, keepdims=True))
     prob /= prob.sum(-1, keepdims=True)
-    ctx = (prob @ split(v)).transpose(0, 2, 1, 3).reshape(b, t, d)
+    ctx = (prob @ heads(v)).transpose(0, 2, 1, 3).reshape(x.shape)  # (B, T, D)
     x = x + lin(ctx, blk['out'])
     h = _layer_norm(x, blk['ln_2'])
     x = x + lin(_gelu(lin(h, blk['fc'])), blk['proj'])

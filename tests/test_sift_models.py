@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from sift_jax import config_lib, flops, models
@@ -111,11 +107,14 @@ def test_factorized_and_doped_ranks_in_models(level):
 
 def check_iso_flop(name, keys, meta, member, level, whole_model):
   r = report.sift_flops(make_config(name, keys, member, level), meta)
-  assert r.transformed / r.dense_transformed == pytest.approx(1.0, abs=0.02)
+  # The MLP's first input and last output are the data's: Sparse Wide cannot widen them, so
+  # only its whole-model FLOPs (with match_flops) are iso.
+  if not (member == 'wide' and name == 'mlp'):
+    assert r.transformed / r.dense_transformed == pytest.approx(1.0, abs=0.02)
   if member == 'wide' and whole_model:
     m = report.sift_flops(make_config(name, keys, member, level, match_flops=True), meta)
     assert m.forward / m.dense_forward == pytest.approx(1.0, abs=1e-3)
-    assert m.mask_level > level  # the widened stem and classifier take their share
+    assert (m.mask_level > level) == (m.transformed < r.transformed)
   return r
 
 
@@ -156,12 +155,29 @@ def test_iso_flop_gpt_small(member, level):
       assert r.forward / r.dense_forward == pytest.approx(expected, abs=0.03)
 
 
-def test_wide_gpt_whole_model_match_solves_a_higher_sparsity():
-  c = make_config(*gpt_small(1), 'wide', 0.75, match_flops=True)
+def test_mask_level_is_the_solved_level():
+  c = make_config('mlp', {'hidden': (1024, 1024)}, 'wide', 0.75)
+  assert match.mask_level(c, MLP_META) == 0.75
+  c.sift.match_flops = True
+  solved = match.mask_level(c, MLP_META)
+  assert solved == pytest.approx(report.sift_flops(c, MLP_META).mask_level, abs=1e-12)
+  # The widened layers' inputs and outputs include the data's: the matched density is higher.
+  assert 0.5 < solved < 0.75
+
+
+@pytest.mark.slow
+def test_wide_gpt_small_whole_model_match_solves_a_higher_sparsity():
+  c = make_config(*gpt_small(), 'wide', 0.75, match_flops=True)
   r = report.sift_flops(c, GPT_META)
   assert r.forward / r.dense_forward == pytest.approx(1.0, abs=1e-3)
-  assert r.mask_level > 0.8
-  assert match.mask_level(c, GPT_META) == pytest.approx(r.mask_level, abs=1e-9)
+  assert r.mask_level > 0.9  # the 4x LM head and attention scores take most of the budget
+
+
+def test_match_without_a_solution_raises():
+  # One GPT-3 Small block: the doubled LM head alone exceeds the dense model's FLOPs.
+  c = make_config(*gpt_small(1), 'wide', 0.75, match_flops=True)
+  with pytest.raises(ValueError, match='no sparsity in'):
+    match.mask_level(c, GPT_META)
 
 
 def test_doped_sparse_uv_switch_in_resnet():
@@ -173,37 +189,38 @@ def test_doped_sparse_uv_switch_in_resnet():
 
 # The FLOP counter against XLA, for every member's forward pass with all weights dense.
 
+XLA_CASES = {
+  'gpt': (
+    ('gpt', {'num_layers': 2, 'd_model': 192, 'num_heads': 4, 'd_ff': 0, 'context_length': 64}),
+    {'vocab_size': 251, 'seq_len': 64},
+  ),
+  'mlp': (('mlp', {'hidden': (257, 263)}), {'num_classes': 10, 'image_shape': (16, 16, 1)}),
+  # Large images: XLA does not count the zero padding of convolutions.
+  'resnet': (('resnet', {'width': 4}), {'num_classes': 10, 'image_shape': (224, 224, 3)}),
+}
 
-def xla_flops(c, meta):
+
+def check_against_xla(case, member):
+  model_keys, meta = XLA_CASES[case]
+  c = make_config(*model_keys, member, 0.75 if member != 'dense' else 0.0)
   model = models.build_model(c, meta)
+  variables = {k: v for k, v in abstract(c, meta).items() if k != 'sparse'}
   x = models.example_input(c, meta)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    jax.random.key(0), jnp.zeros(x.shape, x.dtype)
-  )
-  variables.pop('sparse')
-  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  cost = fwd.lower(variables, jnp.zeros(x.shape, x.dtype)).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost['flops'], flops.count_forward_flops(model, c, meta).forward_dense
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  cost = forward.lower(variables, x).compile().cost_analysis()
+  xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'])
+  ours = flops.count_forward_flops(model, c, meta).forward_dense
+  # XLA also counts elementwise work (norms, softmax, biases), so it may only be slightly larger.
+  assert ours <= xla <= 1.05 * ours
 
 
 @pytest.mark.parametrize('member', ('dense', *MEMBERS))
-@pytest.mark.parametrize(
-  'model,meta',
-  [
-    (('resnet', {'depth': 18, 'stem': 'cifar', 'width': 8}), {'num_classes': 10, 'image_shape': (16, 16, 3)}),
-    (
-      ('gpt', {'num_layers': 2, 'd_model': 48, 'num_heads': 4, 'd_ff': 0, 'context_length': 32}),
-      {'vocab_size': 97, 'seq_len': 32},
-    ),
-    (('mlp', {'hidden': (61, 37)}), {'num_classes': 10, 'image_shape': (8, 8, 1)}),
-  ],
-  ids=['resnet', 'gpt', 'mlp'],
-)
-def test_flop_counter_agrees_with_xla(model, meta, member):
-  c = make_config(*model, member, 0.75 if member != 'dense' else 0.0)
-  xla, ours = xla_flops(c, meta)
-  # XLA also counts normalisation, softmax and activations: the counter (dots and convs only)
-  # is below it, by less than 5%.
-  assert ours == pytest.approx(xla, rel=0.05)
-  assert np.isfinite(ours) and ours > 0
+@pytest.mark.parametrize('case', ['gpt', 'mlp'])
+def test_flop_counter_agrees_with_xla(case, member):
+  check_against_xla(case, member)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('member', ('dense', *MEMBERS))
+def test_flop_counter_agrees_with_xla_resnet(member):
+  check_against_xla('resnet', member)

@@ -60,8 +60,10 @@ class Harness:
     self.x = jax.random.normal(jax.random.PRNGKey(seed + 7), (6, d_in))
     self.y = jax.random.normal(jax.random.PRNGKey(seed + 8), (6, widths[-1]))
     params = self.model.init(jax.random.PRNGKey(seed), self.x)['params']
-    self.rule = sparsity.make_rule(make_config(rule_name, level, **kw), params, sparse_paths(widths))
-    self.sstate, self.params = self.rule.init(params, jax.random.PRNGKey(seed + 1))
+    self.rule = sparsity.make_rule(
+      make_config(rule_name, level, **kw), params, sparse_paths(widths)
+    )
+    self.sstate, self.params = jax.jit(self.rule.init)(params, jax.random.PRNGKey(seed + 1))
     self.tx = tx or optax.adamw(0.05, weight_decay=0.1)
     self.opt_state = self.tx.init(self.params)
     self.perts = (
@@ -70,6 +72,7 @@ class Harness:
       else None
     )
     self.step_fn = jax.jit(self._step)
+    self.update = jax.jit(self.rule.update)
 
   def grads(self, sstate, params):
     fwd = self.rule.forward_params(sstate, params)
@@ -106,17 +109,21 @@ class Harness:
 # ----- exact selection
 
 
-@FAST
+TOPK = jax.jit(select.topk_mask)
+
+
+@settings(max_examples=40, deadline=None)
 @given(st.integers(1, 400), st.data(), st.booleans())
 def test_topk_equals_stable_argsort(n, data, ties):
   k = data.draw(st.integers(0, n))
   rng = np.random.default_rng(n)
-  s = rng.normal(size=n).astype(np.float32)
+  s = rng.normal(size=400).astype(np.float32)
   if ties:
     s = np.round(s)  # many equal scores, including -0.0 and +0.0
-  got = np.asarray(select.topk_mask(jnp.asarray(s), k))
+  valid = np.arange(400) < n  # one compiled shape; the first n entries are the input
+  got = np.asarray(TOPK(jnp.asarray(s), k, jnp.asarray(valid)))[:n]
   ref = np.zeros(n, bool)
-  ref[np.argsort(-s, kind='stable')[:k]] = True
+  ref[np.argsort(-s[:n], kind='stable')[:k]] = True
   np.testing.assert_array_equal(got, ref)
 
 
@@ -151,12 +158,17 @@ def test_erk_makes_small_layers_dense_and_resolves():
   np.testing.assert_allclose(9 + (1 - levels[1]) * 250000, 0.5 * 250009)
 
 
-@FAST
+@settings(max_examples=4, deadline=None)
 @given(st.integers(3, 31), st.integers(3, 31), st.sampled_from([0.5, 0.75, 0.9, 0.97]))
 def test_initial_masks_exact_counts(a, b, s):
-  params = {'l0': {'kernel': jnp.ones((a, b))}, 'l1': {'kernel': jnp.ones((b, a)), 'bias': jnp.ones(a)}}
-  rule = sparsity.make_rule(make_config('static', s), params, [('l0', 'kernel'), ('params', 'l1', 'kernel')])
-  sstate, p = rule.init(params, jax.random.PRNGKey(a * b))
+  params = {
+    'l0': {'kernel': jnp.ones((a, b))},
+    'l1': {'kernel': jnp.ones((b, a)), 'bias': jnp.ones(a)},
+  }
+  rule = sparsity.make_rule(
+    make_config('static', s), params, [('l0', 'kernel'), ('params', 'l1', 'kernel')]
+  )
+  sstate, p = jax.jit(rule.init)(params, jax.random.PRNGKey(a * b))
   for name, (x, y) in (('l0', (a, b)), ('l1', (b, a))):
     m = np.asarray(sstate['masks'][name]['kernel'])
     assert m.shape == (x, y) and m.sum() == round((1 - s) * x * y)
@@ -208,7 +220,7 @@ def test_bad_config_raises(field, value, match):
 # ----- every rule's invariants over a few steps
 
 
-@FAST
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
   st.sampled_from(DYNAMIC + ('static',)),
   st.tuples(st.integers(5, 19), st.integers(3, 11)),
@@ -227,9 +239,10 @@ def test_rule_invariants(rule_name, widths, s, opt):
       m = h.layer(masks, name)
       target = layer.active
       if rule_name == 'gmp':
-        target = int(h.rule.target_active_blocks(jnp.asarray(step - 1))[h.rule.layers.index(layer)])
-        if prev is None:
-          target = layer.size
+        done = [u for u in range(step) if h.rule.schedule.is_update(u)]
+        target = layer.size
+        if done:
+          target = int(h.rule.target_active_blocks(done[-1])[h.rule.layers.index(layer)])
       assert m.sum() == target, (rule_name, step, layer.name)
       assert np.all(h.layer(fwd, name)[~m] == 0)  # masked weights exactly zero in the forward pass
       if rule_name != 'topkast':
@@ -260,11 +273,11 @@ def test_update_schedule_and_nonfinite_skip():
   h = Harness('set', level=0.8)
   g, _ = h.grads(h.sstate, h.params)
   for step, expect in ((0, False), (2, True), (3, False), (40, False)):
-    new, _, _ = h.rule.update(h.sstate, h.params, g, h.opt_state, step)
+    new, _, _ = h.update(h.sstate, h.params, g, h.opt_state, step)
     changed = not np.array_equal(h.layer(new['masks'], 'fc0'), h.layer(h.sstate['masks'], 'fc0'))
     assert changed == expect, step
   bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g)
-  new, _, _ = h.rule.update(h.sstate, h.params, bad, h.opt_state, 2)
+  new, _, _ = h.update(h.sstate, h.params, bad, h.opt_state, 2)
   np.testing.assert_array_equal(h.layer(new['masks'], 'fc0'), h.layer(h.sstate['masks'], 'fc0'))
 
 
@@ -286,7 +299,7 @@ def test_rigl_grows_what_numpy_picks():
   grow_score = np.where(~keep, grad, -np.inf)
   grow = np.zeros(w.size, bool)
   grow[np.argsort(-grow_score, kind='stable')[:n_drop]] = True
-  new, _, _ = h.rule.update(h.sstate, params, g, h.opt_state, 2)
+  new, _, _ = h.update(h.sstate, params, g, h.opt_state, 2)
   np.testing.assert_array_equal(h.layer(new['masks'], 'fc0').reshape(-1), keep | grow)
 
 
@@ -294,7 +307,7 @@ def test_rigl_without_regrow_never_regrows_dropped():
   h = Harness('rigl', widths=(23, 5), d_in=17, level=0.5, regrow_dropped=False, drop_fraction=0.5)
   g, _ = h.grads(h.sstate, h.params)
   old = h.layer(h.sstate['masks'], 'fc0')
-  new, _, _ = h.rule.update(h.sstate, h.params, g, h.opt_state, 2)
+  new, _, _ = h.update(h.sstate, h.params, g, h.opt_state, 2)
   m = h.layer(new['masks'], 'fc0')
   dropped = old & ~m
   assert dropped.sum() > 0 and not np.any(m & dropped)
@@ -303,7 +316,9 @@ def test_rigl_without_regrow_never_regrows_dropped():
 
 def test_topkast_sets_and_untouched_weights():
   h = Harness('topkast', widths=(19, 5), d_in=11, level=0.8)
-  for _ in h.run(5):
+  for step, *_ in h.run(5):
+    if step and not h.rule.schedule.is_update(step - 1):
+      continue  # A and B are the top magnitudes as of their last recompute
     a = h.layer(h.sstate['masks'], 'fc0')
     b = h.layer(h.sstate['backward'], 'fc0')
     assert np.all(b[a]) and a.sum() == round(0.2 * a.size) and b.sum() == round(0.6 * b.size)
@@ -330,7 +345,7 @@ def test_gse_sampled_grads_and_grow_prune():
   h = Harness('gse', widths=(23, 5), d_in=17, level=0.8)
   g, aux = h.grads(h.sstate, h.params)
   old = h.layer(h.sstate['masks'], 'fc0')
-  new, params, _ = h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, aux)
+  new, params, _ = h.update(h.sstate, h.params, g, h.opt_state, 2, None, aux)
   m = h.layer(new['masks'], 'fc0')
   grown = m & ~old
   k = int(np.round(np.float32(0.2) * old.sum()))
@@ -344,16 +359,12 @@ def test_gse_sampled_grads_and_grow_prune():
   assert dropped.sum() == k and w[dropped].max() <= w[old & m].min()
   # Only sampled positions are read: garbage g_fwd gives the same masks.
   junk = jax.tree.map(lambda t: t * 0 + 1.0, g)
-  new2, _, _ = h.rule.update(h.sstate, h.params, junk, h.opt_state, 2, None, aux)
+  new2, _, _ = h.update(h.sstate, h.params, junk, h.opt_state, 2, None, aux)
   np.testing.assert_array_equal(h.layer(new2['masks'], 'fc0'), m)
-
-
-def test_gse_update_forms_no_dense_gradient():
-  h = Harness('gse', widths=(23, 5), d_in=17, level=0.8)
-  g, aux = h.grads(h.sstate, h.params)
-  jaxpr = jax.make_jaxpr(lambda a: h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, a))(aux)
-  text = str(jaxpr)
-  # Neither a matmul nor a per-example (batch, D_in, D_out) product of the dense gradient.
+  # No dense weight gradient: neither a matmul nor a (batch, D_in, D_out) product.
+  text = str(
+    jax.make_jaxpr(lambda a: h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, a))(aux)
+  )
   assert 'dot_general' not in text and 'f32[6,17,23]' not in text
 
 
@@ -412,25 +423,26 @@ def test_nnx_state():
 def test_resume_equals_uninterrupted(tmp_path):
   import orbax.checkpoint as ocp
 
-  full = Harness('rigl', level=0.8)
-  for _ in full.run(8):
+  h = Harness('rigl', level=0.8)
+  start = (h.sstate, h.params, h.opt_state)
+  for _ in h.run(8):
     pass
-  part = Harness('rigl', level=0.8)
-  for _ in part.run(5):
+  full = (h.sstate, h.params, h.opt_state)
+  h.sstate, h.params, h.opt_state = start
+  for _ in h.run(5):
     pass
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / 'c', {'s': part.sstate, 'p': part.params, 'o': part.opt_state})
+  ckpt.save(tmp_path / 'c', {'s': h.sstate, 'p': h.params, 'o': h.opt_state})
   ckpt.wait_until_finished()
   back = ocp.StandardCheckpointer().restore(
-    tmp_path / 'c', {'s': part.sstate, 'p': part.params, 'o': part.opt_state}
+    tmp_path / 'c', {'s': h.sstate, 'p': h.params, 'o': h.opt_state}
   )
-  fresh = Harness('rigl', level=0.8)
-  fresh.sstate, fresh.params, fresh.opt_state = back['s'], back['p'], back['o']
-  for _ in fresh.run(3, start=5):
+  h.sstate, h.params, h.opt_state = back['s'], back['p'], back['o']
+  for _ in h.run(3, start=5):
     pass
-  for a, b in zip(jax.tree.leaves(full.sstate), jax.tree.leaves(fresh.sstate), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(fresh.params), strict=True):
+  for a, b in zip(
+    jax.tree.leaves(full), jax.tree.leaves((h.sstate, h.params, h.opt_state)), strict=True
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -448,7 +460,7 @@ SHARDED = textwrap.dedent(
   g = jax.tree.map(lambda p: jnp.sin(3 * p), params)
   mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ('x', 'y'))
   shard = NamedSharding(mesh, P('x', 'y'))
-  for rule_name in ('rigl', 'set', 'topkast', 'gmp'):
+  for rule_name in ('rigl', 'set'):
     rule = sparsity.make_rule(make_config(rule_name, 0.9), params, [('a', 'kernel'), ('b', 'kernel')])
     sstate, p = rule.init(params, jax.random.PRNGKey(3))
     opt = optax.adam(0.1).init(p)

@@ -23,6 +23,10 @@ from sift_jax.sift import settings as settings_lib
 TOLERANCE = 1e-3  # relative, on whole-model forward FLOPs
 
 
+class NoMatchingLevel(ValueError):
+  """The layers that stay dense already cost more than the target (wide GPT at high s)."""
+
+
 def matched_level(
   report: flops.FlopReport,
   sparse_paths: Sequence[tuple[str, ...]],
@@ -44,7 +48,7 @@ def matched_level(
   sparse = sum(report.per_layer[n].dense_flops for n in names)
   fixed = report.forward_dense - sparse
   if sparse <= 0 or not fixed < target_flops <= fixed + sparse:
-    raise ValueError(
+    raise NoMatchingLevel(
       f'no sparsity in [0, 1) matches {target_flops:.6g} forward FLOPs: the dense layers cost '
       f'{fixed:.6g} and the sparse kernels {sparse:.6g} when dense'
     )

@@ -10,6 +10,7 @@ sparsity engine draws them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -163,13 +164,15 @@ def table_rows(
   members: Sequence[str] = MEMBERS,
   levels: Sequence[float] = LEVELS,
 ) -> list[SiftFlops]:
-  """Every member at every level; Sparse Wide also with match_flops."""
+  """Every member at every level; Sparse Wide also with match_flops where a solution exists."""
   rows = []
   for level in levels:
     for name in members:
       rows.append(sift_flops(configured(config, name, level), meta))
       if name == 'wide':
-        rows.append(sift_flops(configured(config, name, level, match_flops=True), meta))
+        # GPT at s = 0.9 has none: the widened LM head alone exceeds the dense budget.
+        with contextlib.suppress(match.NoMatchingLevel):
+          rows.append(sift_flops(configured(config, name, level, match_flops=True), meta))
   return rows
 
 

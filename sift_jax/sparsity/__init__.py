@@ -38,9 +38,7 @@ __all__ = [
 _DENSITY_PREFIX = 'sparsity/density/'
 
 
-def make_rule(
-  config: ml_collections.ConfigDict, params_shapes: Any, sparse_paths=None
-) -> Rule:
+def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_paths=None) -> Rule:
   """The update rule `config.sparsity.rule` over a params tree of shapes (or arrays).
 
   `sparse_paths` are the kernels the model declares sparse (tuples of keys, relative to the

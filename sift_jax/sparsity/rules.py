@@ -199,7 +199,9 @@ class Rule:
     sstate = {
       **sstate,
       **new,
-      'ever': self._tree([e | m for e, m in zip(self._per_layer(sstate['ever']), masks, strict=True)]),
+      'ever': self._tree(
+        [e | m for e, m in zip(self._per_layer(sstate['ever']), masks, strict=True)]
+      ),
       'churn': left / jnp.maximum(before, 1).astype(jnp.float32),
       'updates': sstate['updates'] + 1,
     }
@@ -339,14 +341,19 @@ class TopKAST(Rule):
       )
     scale = (1.0 - back) / (1.0 - float(s.level))
     self.backward_blocks = [
-      max(layer.active_blocks, min(layer.blocks, exact_count(scale * (1 - layer.sparsity), layer.blocks)))
+      max(
+        layer.active_blocks,
+        min(layer.blocks, exact_count(scale * (1 - layer.sparsity), layer.blocks)),
+      )
       for layer in layers
     ]
 
   def _sets(self, params):
     ps = self._per_layer(params)
     a = [_topk(p, layer.active_blocks, layer) for layer, p in zip(self.layers, ps, strict=True)]
-    b = [_topk(p, k, layer) for layer, p, k in zip(self.layers, ps, self.backward_blocks, strict=True)]
+    b = [
+      _topk(p, k, layer) for layer, p, k in zip(self.layers, ps, self.backward_blocks, strict=True)
+    ]
     return {'masks': self._tree(a), 'backward': self._tree(b)}
 
   def initial_masks(self, params, key):
@@ -363,7 +370,10 @@ class TopKAST(Rule):
     return [
       jnp.where(a, 1.0, jnp.where(b, 1.0 / (1.0 - layer.sparsity), 0.0))
       for layer, a, b in zip(
-        self.layers, self._per_layer(sstate['masks']), self._per_layer(sstate['backward']), strict=True
+        self.layers,
+        self._per_layer(sstate['masks']),
+        self._per_layer(sstate['backward']),
+        strict=True,
       )
     ]
 
@@ -420,7 +430,9 @@ class GSE(Rule):
     self.gamma = float(s.gse_gamma)
     if self.gamma <= 0:
       raise ValueError(f'sparsity.gse_gamma={self.gamma} must be > 0')
-    self.grow = DropSchedule(s.drop_schedule, float(s.gse_alpha), self.schedule.end, float(s.drop_decay))
+    self.grow = DropSchedule(
+      s.drop_schedule, float(s.gse_alpha), self.schedule.end, float(s.drop_decay)
+    )
     for layer in layers:
       if layer.block != (1, 1):
         raise ValueError(f'gse supports block_shape (1, 1) only, got {layer.block}')
@@ -442,7 +454,11 @@ class GSE(Rule):
     frac = self.grow(step)
     out = []
     for layer, c, m, p in zip(
-      self.layers, self.samples, self._per_layer(sstate['masks']), self._per_layer(params), strict=True
+      self.layers,
+      self.samples,
+      self._per_layer(sstate['masks']),
+      self._per_layer(params),
+      strict=True,
     ):
       x, gy = gse.layer_aux(aux, self.paths[layer.index], layer.shape)
       cand = select.random_mask(jax.random.fold_in(key, layer.index), layer.shape, c, ~m)

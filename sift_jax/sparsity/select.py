@@ -1,9 +1,9 @@
 """Exact top-k selection in linear time, and block views of masks.
 
 `topk_mask` picks exactly k entries of a score array without sorting: the k-th largest
-score is found by bisection over the bits of an order-preserving integer image of the
-floats (32 counting passes, each linear in n), and ties at the threshold are broken by
-index (lowest first), so counts are exact and the result equals a stable descending
+score is found by radix selection on an order-preserving integer image of the floats (two
+histogram passes over 16-bit digits, each linear in n), and ties at the threshold are broken
+by index (lowest first), so counts are exact and the result equals a stable descending
 argsort. k may be a traced value: shapes never depend on it, so nothing recompiles.
 """
 
@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Candidate thresholds counted per pass: 2**_BITS_PER_PASS - 1 counts share one read of the data.
-_BITS_PER_PASS = 2
+_DIGIT = 16  # radix select in two passes of 16-bit digits
 
 
 def order_keys(scores: jax.Array) -> jax.Array:
@@ -26,21 +25,24 @@ def order_keys(scores: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
+def _top_digit(digits: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The digit d holding the k-th largest entry, and how many entries have a digit above d.
+
+  Entries equal to 2**_DIGIT are ignored (filtered out by the caller).
+  """
+  hist = jnp.bincount(digits, length=2**_DIGIT + 1)[: 2**_DIGIT]  # (65536,)
+  at_or_above = jnp.cumsum(hist[::-1])[::-1]  # (65536,): count(digit >= d), non-increasing
+  d = jnp.sum(at_or_above >= k, dtype=jnp.int32) - 1
+  return d, at_or_above[d] - hist[d]
+
+
 def _kth_largest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
-  """The k-th largest value of uint32 `keys` (1 <= k <= keys.size), bit by bit from the top."""
-  step = 2**_BITS_PER_PASS
-  offsets = jnp.arange(1, step, dtype=jnp.uint32)  # (step - 1,)
-
-  def body(i, t):
-    shift = (32 - _BITS_PER_PASS * (i + 1)).astype(jnp.uint32)
-    cands = t | (offsets << shift)  # (step - 1,)
-    counts = jnp.stack([jnp.sum(keys >= c, dtype=jnp.int32) for c in cands])
-    # The largest candidate that still keeps at least k keys at or above it.
-    ok = counts >= k
-    best = jnp.max(jnp.where(ok, offsets, 0))
-    return t | (best << shift)
-
-  return jax.lax.fori_loop(0, 32 // _BITS_PER_PASS, body, jnp.uint32(0))
+  """The k-th largest value of uint32 `keys` (1 <= k <= keys.size): two histogram passes."""
+  hi = (keys >> _DIGIT).astype(jnp.int32)  # (n,)
+  d_hi, above = _top_digit(hi, k)
+  lo = jnp.where(hi == d_hi, (keys & (2**_DIGIT - 1)).astype(jnp.int32), 2**_DIGIT)  # (n,)
+  d_lo, _ = _top_digit(lo, k - above)
+  return (d_hi.astype(jnp.uint32) << _DIGIT) | d_lo.astype(jnp.uint32)
 
 
 def topk_keys_mask(keys: jax.Array, k: jax.Array | int) -> jax.Array:
@@ -83,9 +85,7 @@ def check_block(shape: tuple[int, ...], block: tuple[int, int], name: str) -> No
   """Blocks tile the last two axes of a kernel; they must divide them."""
   if len(block) != 2 or min(block) < 1:
     raise ValueError(f'sparsity.block_shape {block} must be two positive ints')
-  if block != (1, 1) and (
-    len(shape) < 2 or shape[-2] % block[0] or shape[-1] % block[1]
-  ):
+  if block != (1, 1) and (len(shape) < 2 or shape[-2] % block[0] or shape[-1] % block[1]):
     raise ValueError(f'block_shape {block} does not tile the last two axes of {name} {shape}')
 
 
