@@ -73,6 +73,13 @@ def read_params(workdir) -> list[np.ndarray]:
   return jax.tree.leaves(ocp.StandardCheckpointer().restore(path, target)['params'])
 
 
+def assert_close_params(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+  """Equal sparsity patterns (the same RigL masks) and values up to reduction order."""
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x == 0, y == 0)
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-5)
+
+
 def losses(workdir) -> list[float]:
   rows = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   return [r['train/loss'] for r in rows] + [rows[-1]['eval/loss']]
@@ -104,8 +111,9 @@ def worker(mode: str, out: str, fsdps: list[int]) -> None:
 
   'masks': one RigL update of the same arrays under every layout (one device, and the mesh of
   each mesh.fsdp in `fsdps`), masks and updated params saved to `out`.npz by process 0.
-  'all': 'masks', then a short training run per mesh.fsdp into `out`/fsdp<f>.
+  'all': 'masks', then a short training run with the last mesh.fsdp into `out`.
   """
+  train.use_compilation_cache()
   launch.initialize(scale_config())
   results = {}
   one = SingleDeviceSharding(jax.devices()[0])
@@ -121,8 +129,7 @@ def worker(mode: str, out: str, fsdps: list[int]) -> None:
   if jax.process_index() == 0:
     np.savez(out + '.npz', **results)
   if mode == 'all':
-    for fsdp in fsdps:
-      train.train_and_evaluate(scale_config(fsdp), os.path.join(out, f'fsdp{fsdp}'))
+    train.train_and_evaluate(scale_config(fsdps[-1]), out)
 
 
 def random_like(tree):
@@ -204,7 +211,8 @@ def test_leaf_spec(shape, fsdp, min_size, spec):
 
 
 def test_fsdp_masks_and_updates_match_data_parallel_and_one_device(tmp_path):
-  """8 emulated devices: 8 data vs 4 data x 2 fsdp vs one device, same seed."""
+  """Same seed: masks after a RigL update on one device, 8 data, 4 data x 2 fsdp; the losses
+  of a 4 x 2 fsdp run and a one-device run."""
   run_worker('all', tmp_path / 'dev8', [1, 2], 8)
   results = dict(np.load(tmp_path / 'dev8.npz'))
   assert_same_masks(results, 'fsdp1', 'one_device')
@@ -214,9 +222,8 @@ def test_fsdp_masks_and_updates_match_data_parallel_and_one_device(tmp_path):
   assert all(m.dtype == bool for m in after)
   assert [m.sum() for m in before] == [m.sum() for m in after]  # exact counts kept
   assert any((b != a).any() for b, a in zip(before, after, strict=True))  # and masks moved
-  np.testing.assert_allclose(
-    losses(tmp_path / 'dev8' / 'fsdp1'), losses(tmp_path / 'dev8' / 'fsdp2'), rtol=2e-5
-  )
+  train.train_and_evaluate(scale_config(), str(tmp_path / 'dev1'))
+  np.testing.assert_allclose(losses(tmp_path / 'dev1'), losses(tmp_path / 'dev8'), rtol=2e-5)
 
 
 # --------------------------------------------------------------------------- processes
@@ -231,8 +238,7 @@ def test_two_processes_through_the_launcher_match_one_process(tmp_path):
     summary = json.load(f)
   assert (summary['process_count'], summary['device_count']) == (2, 2)
   np.testing.assert_allclose(losses(tmp_path / 'one'), losses(tmp_path / 'two'), rtol=2e-5)
-  for x, y in zip(read_params(tmp_path / 'one'), read_params(tmp_path / 'two'), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+  assert_close_params(read_params(tmp_path / 'one'), read_params(tmp_path / 'two'))
 
 
 @pytest.mark.slow
@@ -338,8 +344,7 @@ def test_sigterm_to_the_launcher_stops_both_processes_at_one_step(tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   with open(workdir / 'summary.json') as f:
     assert json.load(f)['resumed_from_step'] == stopped_at
-  for x, y in zip(read_params(tmp_path / 'straight'), read_params(workdir), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+  assert_close_params(read_params(tmp_path / 'straight'), read_params(workdir))
 
 
 # --------------------------------------------------------------------------- bad checkpoints
