@@ -122,7 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sift = ml_collections.ConfigDict()
   c.sift.name = 'dense'  # dense | wide | parallel | factorized | doped
-  c.sift.match_flops = False
+  c.sift.match_flops = False  # solve the mask sparsity so model FLOPs equal the dense model's
+  c.sift.factorized_between = 'norm_relu'  # none | norm | norm_relu, between U and V
+  c.sift.doped_sparse_uv = False  # True: the original release's sparse U V (not iso-FLOP)
+  c.sift.rounding = 'original'  # original (b = round(1/(1-s))) | exact
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3  # keep the last K checkpoints

@@ -6,8 +6,8 @@
 starts `python -m sift_jax.main <flags after -->` N times on this machine, each process a
 host of one jax.distributed cluster whose coordinator is process 0 on localhost; collectives
 between processes go through gloo (JAX's CPU default). It is the multi-host code path of a
-TPU/GPU pod, minus the hardware. SIGTERM/SIGINT are forwarded to every process (they save
-at the next step boundary and exit 0); if one process fails the others are stopped.
+TPU/GPU pod, minus the hardware. SIGTERM/SIGINT to the launcher reach every process as SIGTERM
+(they agree on a step, save there and exit 0); if one process fails the others are stopped.
 
 On a real cluster nothing is launched from here: each host runs sift_jax.main itself and
 `initialize` joins it to the others, from the config's `distributed` group or the environment.
@@ -112,6 +112,7 @@ def run_local(command: list[str], processes: int, devices_per_process: int = 1) 
       stderr=subprocess.PIPE,
       text=True,
       bufsize=1,
+      start_new_session=True,  # a terminal's Ctrl-C reaches the launcher only, which forwards
     )
     procs.append(p)
     for stream, out in ((p.stdout, sys.stdout), (p.stderr, sys.stderr)):
@@ -120,10 +121,10 @@ def run_local(command: list[str], processes: int, devices_per_process: int = 1) 
       relays.append(t)
 
   def forward(signum, frame):
-    del frame
+    del signum, frame
     for p in procs:
       if p.poll() is None:
-        p.send_signal(signum)
+        p.send_signal(signal.SIGTERM)  # JAX's preemption service listens for SIGTERM
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
   try:

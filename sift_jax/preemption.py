@@ -8,6 +8,7 @@ preemption service (on by default after jax.distributed.initialize), which agree
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -26,9 +27,13 @@ class PreemptionGuard:
     self.signal_name = ''
 
   def __enter__(self) -> PreemptionGuard:
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    if jax.process_count() == 1:
       for sig in SIGNALS:
         self._previous[sig] = signal.signal(sig, self._handle)
+    else:  # JAX's preemption service only listens for SIGTERM
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, _as_sigterm)
     return self
 
   def __exit__(self, *exc) -> None:
@@ -45,3 +50,8 @@ class PreemptionGuard:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
     return self._requested.is_set()
+
+
+def _as_sigterm(signum, frame) -> None:
+  del signum, frame
+  os.kill(os.getpid(), signal.SIGTERM)

@@ -35,6 +35,7 @@ from sift_jax import (
 from sift_jax import metrics as metrics_lib
 from sift_jax.config_lib import RUN_LENGTH_KEYS
 from sift_jax.models.layers import sparse_kernel_paths
+from sift_jax.sift import report as sift_report
 from sift_jax.state import TrainState
 
 MODES = ('train', 'eval')
@@ -242,6 +243,7 @@ class Experiment:
   init_state: Any  # rng -> TrainState
   abstract_state: Any  # TrainState of ShapeDtypeStructs carrying the shardings
   flop_report: Any
+  sift_flops: Any  # sift.report.SiftFlops of a Sparse-IFT member, None for sift.name = dense
 
   def state_shardings(self) -> Any:
     return jax.tree.map(lambda a: a.sharding, self.abstract_state)
@@ -278,7 +280,17 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   abstract_vars = jax.eval_shape(
     functools.partial(model.init, train=False), jax.random.key(0), x_spec
   )
-  rule = sparsity.make_rule(config, abstract_vars['params'], sparse_kernel_paths(abstract_vars))
+  sift_flops = None
+  rule_config = config
+  if config.sift.name != 'dense':
+    # The member is sized by the nominal s; with match_flops its masks hold the solved level.
+    sift_flops = sift_report.sift_flops(config, dataset.meta)
+    if sift_flops.mask_level != config.sparsity.level:
+      rule_config = config.copy_and_resolve_references()
+      rule_config.sparsity.level = sift_flops.mask_level
+  rule = sparsity.make_rule(
+    rule_config, abstract_vars['params'], sparse_kernel_paths(abstract_vars)
+  )
 
   def init_state(rng) -> TrainState:
     k_init, k_sparse, k_train = jax.random.split(rng, 3)
@@ -312,6 +324,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     init_state=init_state,
     abstract_state=abstract,
     flop_report=flops.count_forward_flops(model, config, dataset.meta),
+    sift_flops=sift_flops,
   )
 
 
@@ -401,6 +414,8 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
         row.update(throughput(exp, (now - t_last) / (step - s_last)))
         densities = sparsity.layer_densities_from_metrics(row)
         row['flops/train_per_example'] = train_flops(exp, densities, step)
+        if exp.sift_flops is not None:
+          row['sparsity/solved_level'] = exp.sift_flops.mask_level
         if is_eval:
           row.update(evaluate(eval_step, state, dataset, exp.mesh))
         writer.write(step, row)
@@ -468,4 +483,20 @@ def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
     'flops/forward_per_example_dense': exp.flop_report.forward_dense,
     'flops/train_per_example': train_flops(exp, layer_density, exp.config.total_steps),
     'sparsity/layer_density': {'/'.join(k): v for k, v in layer_density.items()},
+    **sift_facts(exp.sift_flops),
+  }
+
+
+def sift_facts(f) -> dict[str, Any]:
+  """The Sparse-IFT member against its dense original (SPEC.md section 1's two FLOP figures)."""
+  if f is None:
+    return {}
+  return {
+    'sparsity/solved_level': f.mask_level,
+    'sift/dense_model_params': f.dense_params,
+    'sift/dense_model_forward_per_example': f.dense_forward,
+    'sift/forward_relative_to_dense': f.forward / f.dense_forward,
+    'sift/transformed_forward_per_example': f.transformed,
+    'sift/transformed_forward_per_example_dense_model': f.dense_transformed,
+    'sift/transformed_relative_to_dense': f.transformed / f.dense_transformed,
   }

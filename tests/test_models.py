@@ -397,8 +397,10 @@ def test_width_factor_dense_and_unknown_member():
   c = make_config('mlp')
   assert layers.width_factor(c) == 1.0
   assert layers.scale_width(c, 97) == 97 and layers.scale_width(c, 768, multiple_of=12) == 768
-  c.sift.name = 'wide'
-  with pytest.raises(ValueError, match="'wide'.*allowed: dense"):
+  c.sift.name = 'tall'
+  with pytest.raises(
+    ValueError, match="unknown sift member 'tall'; known: dense, doped, factorized, parallel, wide"
+  ):
     models.build_model(c, IMAGE_META)
 
 
