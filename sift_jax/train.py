@@ -97,50 +97,69 @@ def inputs_and_labels(batch: dict[str, jax.Array], kind: str) -> tuple[jax.Array
 
 
 def make_train_step(model, tx, schedule, rule, kind: str, c: ml_collections.ConfigDict):
-  """Returns the pure step (state, batch) -> (state, metrics); the caller jits it."""
+  """Returns the pure step (state, batch) -> (state, metrics); the caller jits it.
+
+  The data flow is DESIGN.md's: gradients are taken w.r.t. the weights the forward pass uses
+  (dense even where masked: RigL's grow score), the rule maps them to the params, the optimizer
+  step is masked afterwards, then the rule updates masks under lax.cond on its schedule. A rule
+  that needs layer inputs and output gradients (GSE) gets them through zero perturbations.
+  """
   accum = c.optim.grad_accum_steps
   smoothing = c.optim.label_smoothing
 
-  def loss_fn(fwd_params, model_state, batch, rng):
+  def loss_fn(fwd_params, perts, model_state, batch, rng):
     x, y = inputs_and_labels(batch, kind)
-    logits, new_model_state = model.apply(
-      {'params': fwd_params, **model_state},
-      x,
-      train=True,
-      rngs={'dropout': rng},
-      mutable=list(model_state),
-    )
+    variables = {'params': fwd_params, **model_state}
+    mutable = list(model_state)
+    if rule.needs_aux:
+      variables['perturbations'] = perts
+      mutable.append('intermediates')
+    with rule.capture():
+      logits, mutated = model.apply(
+        variables, x, train=True, rngs={'dropout': rng}, mutable=mutable
+      )
+    inputs = mutated.pop('intermediates', None)
     loss = cross_entropy(logits, y, smoothing).mean()
     correct = (logits.argmax(-1) == y).mean()
-    return loss, (new_model_state, correct)
+    return loss, (mutated, correct, inputs)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
   def step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
     fwd = rule.forward_params(state.sparsity, state.params)
-
-    def micro_step(carry, micro):
-      model_state, grads, loss, correct, i = carry
-      (loss_i, (model_state, acc)), g = grad_fn(fwd, model_state, micro, jax.random.fold_in(rng, i))
-      grads = jax.tree.map(jnp.add, grads, g)
-      return (model_state, grads, loss + loss_i, correct + acc, i + 1), None
-
     # Microbatch j takes rows j, j + A, j + 2A, ...: each device keeps its own rows.
     micro = jax.tree.map(
       lambda v: jnp.moveaxis(v.reshape(v.shape[0] // accum, accum, *v.shape[1:]), 1, 0), batch
     )
-    zeros = jax.tree.map(jnp.zeros_like, fwd)
-    init = (state.model_state, zeros, 0.0, 0.0, 0)
-    (model_state, g_fwd, loss, correct, _), _ = jax.lax.scan(micro_step, init, micro)
+    perts = None
+    if rule.needs_aux:
+      x0, _ = inputs_and_labels(jax.tree.map(lambda v: v[0], micro), kind)
+      perts = rule.zero_perturbations(model, {'params': fwd, **state.model_state}, x0, train=False)
+
+    def micro_step(carry, micro):
+      model_state, grads, loss, correct, i = carry
+      (loss_i, (model_state, acc, inputs)), (g, g_out) = grad_fn(
+        fwd, perts, model_state, micro, jax.random.fold_in(rng, i)
+      )
+      grads = jax.tree.map(jnp.add, grads, g)
+      return (model_state, grads, loss + loss_i, correct + acc, i + 1), (inputs, g_out)
+
+    init = (state.model_state, jax.tree.map(jnp.zeros_like, fwd), 0.0, 0.0, 0)
+    (model_state, g_fwd, loss, correct, _), captured = jax.lax.scan(micro_step, init, micro)
     g_fwd = jax.tree.map(lambda g: g / accum, g_fwd)
+    aux = None
+    if rule.needs_aux:
+      # Rows of all microbatches side by side; output grads scaled like the averaged gradient.
+      inputs, g_out = jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), captured)
+      aux = {'intermediates': inputs, 'perturbations': jax.tree.map(lambda g: g / accum, g_out)}
 
     grads = rule.param_grads(state.sparsity, state.params, g_fwd)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = rule.mask_updates(state.sparsity, updates)
     params = optax.apply_updates(state.params, updates)
     sstate, params, opt_state = rule.update(
-      state.sparsity, params, g_fwd, opt_state, state.step, rng
+      state.sparsity, params, g_fwd, opt_state, state.step, rng, aux
     )
     new_state = state.replace(
       step=state.step + 1,
