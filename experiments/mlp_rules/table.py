@@ -1,0 +1,29 @@
+"""Prints the markdown table of experiments/mlp_rules/run.sh from its run folders."""
+
+import json
+import os
+import sys
+
+
+def main(out: str) -> None:
+  print('| rule | eval accuracy | density at every log step | min churn after an update | wall s |')
+  print('|---|---|---|---|---|')
+  for rule in ('dense', 'static', 'set', 'rigl', 'topkast', 'gse', 'gmp'):
+    folder = os.path.join(out, rule)
+    with open(os.path.join(folder, 'summary.json')) as f:
+      summary = json.load(f)
+    with open(os.path.join(folder, 'metrics.jsonl')) as f:
+      rows = [json.loads(line) for line in f]
+    with open(os.path.join(folder, 'config.json')) as f:
+      first_update = json.load(f)['sparsity']['update_every_steps']
+    densities = sorted({round(r['sparsity/density'], 6) for r in rows})
+    churns = [r['sparsity/churn'] for r in rows if r['step'] > first_update]
+    churn = f'{min(churns):.4f}' if churns and rule not in ('dense', 'static') else '-'
+    print(
+      f'| {rule} | {summary["eval/accuracy"]:.4f} | {", ".join(map(str, densities))} | '
+      f'{churn} | {summary["wall_time_s"]:.0f} |'
+    )
+
+
+if __name__ == '__main__':
+  main(sys.argv[1])
