@@ -317,3 +317,25 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
   assert 'SIGTERM received: saved a checkpoint at step' in out
   saved = [int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit()]
   assert len(saved) == 1 and saved[0] >= 10
+
+
+@pytest.mark.parametrize('rule', ['rigl', 'gse', 'topkast'])
+def test_sparse_run_keeps_exact_density_and_exports_csr(tmp_path, rule):
+  from sift_jax.sparsity.export import export_checkpoint, load_sparse
+
+  c = tiny_config('mlp', f'local,rule={rule},sparsity=0.9')
+  c.model.hidden = (31, 17)  # odd sizes: round(0.1 * 64 * 31) = 198, round(0.1 * 31 * 17) = 53
+  c.sparsity.update_every_steps = 2
+  c.sparsity.topkast_every_steps = 2
+  c.sparsity.end_fraction = 1.0
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  rows = read_jsonl(tmp_path / 'metrics.jsonl')
+  for r in rows:
+    assert r['sparsity/density/hidden_0/kernel'] == pytest.approx(198 / (64 * 31), abs=1e-7)
+    assert r['sparsity/density/hidden_1/kernel'] == pytest.approx(53 / (31 * 17), abs=1e-7)
+  assert rows[-1]['sparsity/churn'] > 0
+  assert summary['params/sparse'] == 64 * 31 + 31 * 17
+  index = export_checkpoint(str(tmp_path), str(tmp_path / 'export'))
+  assert {k: v['nnz'] for k, v in index.items()} == {'hidden_0/kernel': 198, 'hidden_1/kernel': 53}
+  dense = load_sparse(str(tmp_path / 'export'))
+  assert (dense['hidden_0/kernel'] != 0).sum() <= 198

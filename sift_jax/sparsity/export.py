@@ -58,3 +58,36 @@ def load_sparse(path: str) -> dict[str, np.ndarray]:
     name: scipy.sparse.load_npz(os.path.join(path, e['file'])).toarray().reshape(e['shape'])
     for name, e in index.items()
   }
+
+
+def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict[str, dict[str, Any]]:
+  """Exports the sparse layers of a run's checkpoint (the latest unless `step` is given)."""
+  import orbax.checkpoint as ocp
+
+  root = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint under {root}')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f'no checkpoint at step {step} in {root}; saved steps: {steps}')
+  state = ocp.StandardCheckpointer().restore(os.path.join(root, str(step), 'state'))
+  return export_sparse(state['params'], state['sparsity']['masks'], out)
+
+
+def _main(argv: list[str]) -> None:
+  del argv
+  index = export_checkpoint(_WORKDIR.value, _OUT.value, _STEP.value)
+  for name, entry in index.items():
+    print(f'{name}: {entry["shape"]} nnz {entry["nnz"]} density {entry["density"]:.4f}')
+  print(f'wrote {len(index)} sparse layers to {_OUT.value}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder holding checkpoints/.', required=True)
+  _OUT = flags.DEFINE_string('out', None, 'Folder to write the CSR files into.', required=True)
+  _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+  app.run(_main)
