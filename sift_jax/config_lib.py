@@ -23,6 +23,11 @@ RUN_LENGTH_KEYS = (
   'checkpoint.keep',
   'eval.max_examples',
   'progress',
+  # Where the processes of a run meet is not part of the experiment.
+  'distributed.initialize',
+  'distributed.coordinator_address',
+  'distributed.num_processes',
+  'distributed.process_id',
 )
 
 

@@ -45,16 +45,46 @@ def _kth_largest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
   return (d_hi.astype(jnp.uint32) << _DIGIT) | d_lo.astype(jnp.uint32)
 
 
+def flat_index(shape: tuple[int, ...]) -> jax.Array:
+  """Row-major flat index of every position, built from iotas (no reshape: sharding-friendly)."""
+  idx = jnp.zeros(shape, jnp.int32)
+  stride = 1
+  for axis in reversed(range(len(shape))):
+    idx = idx + jax.lax.broadcasted_iota(jnp.int32, shape, axis) * stride
+    stride *= shape[axis]
+  return idx
+
+
+def _first_ties(tie: jax.Array, need: jax.Array) -> jax.Array:
+  """The `need` lowest-index True entries of `tie`, by bisection on an index bound.
+
+  A cumsum over the flattened layer would make XLA gather a sharded layer whole onto every
+  device; counting below a bound is a sum, which stays sharded.
+  """
+  n = tie.size
+  idx = flat_index(tie.shape)
+  bits = max(int(n).bit_length(), 1)
+
+  def body(i, pos):
+    cand = pos + (jnp.int32(1) << (bits - 1 - i))
+    fewer = jnp.sum(tie & (idx < cand), dtype=jnp.int32) < need
+    return jnp.where(fewer & (cand <= n), cand, pos)
+
+  pos = jax.lax.fori_loop(0, bits, body, jnp.int32(0))
+  return tie & (idx <= pos) & (need > 0)
+
+
 def topk_keys_mask(keys: jax.Array, k: jax.Array | int) -> jax.Array:
   """Bool mask of the k largest uint32 keys (ties by lowest flat index); exactly min(k, n)."""
-  flat = keys.reshape(-1)  # (n,)
-  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, flat.size)
-  t = _kth_largest_key(flat, jnp.maximum(k, 1))
-  above = flat > t
+  k = jnp.clip(jnp.asarray(k, jnp.int32), 0, keys.size)
+  t = _kth_largest_key(keys.reshape(-1), jnp.maximum(k, 1))
+  above = keys > t
   need = k - jnp.sum(above, dtype=jnp.int32)
-  tie = flat == t
-  chosen = above | (tie & (jnp.cumsum(tie, dtype=jnp.int32) <= need))
-  return chosen.reshape(keys.shape)
+  tie = keys == t
+  picked = jax.lax.cond(
+    need >= jnp.sum(tie, dtype=jnp.int32), lambda: tie, lambda: _first_ties(tie, need)
+  )
+  return above | picked
 
 
 def topk_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None) -> jax.Array:
