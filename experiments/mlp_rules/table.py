@@ -6,7 +6,9 @@ import sys
 
 
 def main(out: str) -> None:
-  print('| rule | eval accuracy | density at every log step | min churn after an update | wall s |')
+  print(
+    '| rule | eval accuracy | density at every log step | churn after the first update (min / max) | wall s |'
+  )
   print('|---|---|---|---|---|')
   for rule in ('dense', 'static', 'set', 'rigl', 'topkast', 'gse', 'gmp'):
     folder = os.path.join(out, rule)
@@ -17,8 +19,8 @@ def main(out: str) -> None:
     with open(os.path.join(folder, 'config.json')) as f:
       first_update = json.load(f)['sparsity']['update_every_steps']
     densities = sorted({round(r['sparsity/density'], 6) for r in rows})
-    churns = [r['sparsity/churn'] for r in rows if r['step'] > first_update]
-    churn = f'{min(churns):.4f}' if churns and rule not in ('dense', 'static') else '-'
+    churns = [r.get('sparsity/churn', 0.0) for r in rows if r['step'] > first_update]
+    churn = f'{min(churns):.4f} / {max(churns):.4f}' if rule not in ('dense', 'static') else '-'
     print(
       f'| {rule} | {summary["eval/accuracy"]:.4f} | {", ".join(map(str, densities))} | '
       f'{churn} | {summary["wall_time_s"]:.0f} |'
