@@ -1,0 +1,113 @@
+"""GFLOP/s of XLA:CPU's 3x3 convolutions on CIFAR ResNet-18 shapes: forward, input and weight grad.
+
+  python benchmarks/step_time_conv.py                        # default XLA options vs YNNPACK convs
+  python benchmarks/step_time_conv.py --batch=32 --variants=default,fast_math
+
+Every variant compiles the same three functions with its own XLA compiler options, all in this
+one process, so variants are compared under the same load (the machine is shared). FLOPs are
+2 * B * H * W * 9 * C_in * C_out for each of the three convolutions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from step_time_xla import VARIANTS
+
+# (spatial size, channels) of the 3x3 stride-1 convs in each stage of the CIFAR ResNet-18.
+STAGES = ((32, 64), (16, 128), (8, 256), (4, 512))
+DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+_BATCH = flags.DEFINE_integer('batch', 128, 'Batch size.')
+_VARIANTS = flags.DEFINE_list('variants', ['default', 'ynn_conv'], f'From {list(VARIANTS)}.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement; the best is kept.')
+
+
+def conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DIMS)
+
+
+def weight_grad_matmul(
+  x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding
+) -> jax.Array:
+  """dL/dw of an NHWC/HWIO convolution as kh * kw matmuls over (B * H_out * W_out).
+
+  XLA:CPU lowers the weight gradient to a convolution whose window is the whole image, which its
+  Eigen kernel runs several times slower than the forward conv; the same sum written as one dot
+  per kernel tap runs at matmul speed.
+  """
+  kh, kw = kernel_size
+  sh, sw = strides
+  b, ho, wo, _ = dy.shape
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))  # (B, H + pads, W + pads, C_in)
+  taps = [
+    jax.lax.slice(
+      xp,
+      (0, i, j, 0),
+      (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[3]),
+      (1, sh, sw, 1),
+    )  # (B, H_out, W_out, C_in)
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  dw = [jnp.einsum('bhwc,bhwd->cd', t, dy) for t in taps]  # kh * kw x (C_in, C_out)
+  return jnp.stack(dw).reshape(kh, kw, x.shape[3], dy.shape[3])
+
+
+def passes() -> dict:
+  """The forward conv, the two halves of its VJP and the weight grad as matmuls, of (x, w, dy)."""
+  return {
+    'forward': lambda x, w, dy: conv(x, w),
+    'input_grad': lambda x, w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0],
+    'weight_grad': lambda x, w, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0],
+    'wgrad_matmul': lambda x, w, dy: weight_grad_matmul(x, dy, (3, 3), (1, 1), ((1, 1), (1, 1))),
+  }
+
+
+def best_seconds(fn, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def main(argv):
+  del argv
+  for name in _VARIANTS.value:
+    if name not in VARIANTS:
+      raise ValueError(f'unknown variant {name!r}; known: {", ".join(VARIANTS)}')
+  dtype = jnp.dtype(_DTYPE.value)
+  b = _BATCH.value
+  print(f'3x3 convs, batch {b}, {_DTYPE.value}; GFLOP/s (best of {_REPEATS.value})')
+  print(f'{"H":>3} {"C":>4} {"pass":<12}' + ''.join(f'{v:>12}' for v in _VARIANTS.value))
+  key = jax.random.key(0)
+  for h, c in STAGES:
+    kx, kw, kd, key = jax.random.split(key, 4)
+    x = jax.random.normal(kx, (b, h, h, c), dtype)  # (B, H, W, C)
+    w = jax.random.normal(kw, (3, 3, c, c), dtype)  # (3, 3, C_in, C_out)
+    dy = jax.random.normal(kd, (b, h, h, c), dtype)  # (B, H, W, C)
+    gflop = 2 * b * h * h * 9 * c * c / 1e9
+    for pass_name, fn in passes().items():
+      lowered = jax.jit(fn).lower(x, w, dy)
+      rates = []
+      for v in _VARIANTS.value:
+        compiled = lowered.compile(compiler_options=VARIANTS[v])
+        rates.append(gflop / best_seconds(compiled, (x, w, dy), _REPEATS.value))
+      if pass_name == 'wgrad_matmul':
+        ref = jax.jit(passes()['weight_grad'])(x, w, dy)
+        got = jax.jit(fn)(x, w, dy)
+        err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+        if err > 1e-2:
+          raise AssertionError(f"matmul weight grad differs from XLA's by {err:.2g} (relative)")
+      print(f'{h:>3} {c:>4} {pass_name:<12}' + ''.join(f'{r:12.1f}' for r in rates), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

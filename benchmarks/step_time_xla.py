@@ -1,0 +1,15 @@
+"""XLA:CPU compiler-option sets the step-time benchmarks compare (passed as compiler_options)."""
+
+# name: XLA DebugOptions passed as compiler_options (the same fields XLA_FLAGS sets, minus '--').
+VARIANTS = {
+  'default': {},
+  'ynn_off': {'xla_cpu_experimental_ynn_fusion_type': ''},
+  'ynn_conv': {
+    'xla_cpu_experimental_ynn_fusion_type': (
+      'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+    )
+  },
+  'fast_math': {'xla_cpu_enable_fast_math': True},
+  'onednn': {'xla_cpu_use_onednn': True},
+  'no_xnnpack': {'xla_cpu_use_xnnpack': False},
+}
