@@ -49,10 +49,10 @@ def get_config(arg: str | None = None):
   if args['local']:
     # A byte-level GPT on the Python standard library's source that learns real structure
     # (eval loss well under 3 nats/byte) in a few CPU minutes.
-    c.total_steps = 500
+    c.total_steps = 300
     c.batch_size = 16
     c.log_every_steps = 50
-    c.eval_every_steps = 250
+    c.eval_every_steps = 150
     c.checkpoint_every_steps = 100
     c.model.update(num_layers=4, d_model=128, num_heads=4, d_ff=512, context_length=128)
     c.model.dropout = 0.0  # too few steps to overfit
