@@ -126,14 +126,8 @@ def make_dense(
     return member.dense(
       features, name=name, kernel_init=kernel_init, use_bias=use_bias, dtype=dtype
     )
-  cls = SparseDense if sparse else nn.Dense
-  return cls(
-    features,
-    use_bias=use_bias,
-    kernel_init=kernel_init,
-    bias_init=nn.initializers.zeros,
-    dtype=dtype,
-    name=name,
+  return dense_layer(
+    SparseDense if sparse else nn.Dense, features, name, kernel_init, use_bias, dtype
   )
 
 
@@ -166,7 +160,41 @@ def make_conv(
       strides=strides,
       dtype=dtype,
     )
-  return ConvNorm(
+  return conv_unit(ConvNorm, features, kernel_size, name, kernel_init, norm, strides, sparse, dtype)
+
+
+def dense_layer(
+  cls: type[nn.Dense],
+  features: int,
+  name: str,
+  kernel_init: Initializer,
+  use_bias: bool,
+  dtype: Any,
+) -> nn.Module:
+  """A shape-keeping Dense layer of class `cls` (biases start at zero)."""
+  return cls(
+    features,
+    use_bias=use_bias,
+    kernel_init=kernel_init,
+    bias_init=nn.initializers.zeros,
+    dtype=dtype,
+    name=name,
+  )
+
+
+def conv_unit(
+  cls: type[ConvNorm],
+  features: int,
+  kernel_size: Sequence[int],
+  name: str,
+  kernel_init: Initializer,
+  norm: NormFactory,
+  strides: Sequence[int],
+  sparse: bool,
+  dtype: Any,
+) -> nn.Module:
+  """A shape-keeping bias-free conv + normalisation unit of class `cls`."""
+  return cls(
     features=features,
     kernel_size=tuple(kernel_size),
     strides=tuple(strides),

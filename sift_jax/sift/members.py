@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from sift_jax.models.layers import Initializer, NormFactory
+from sift_jax.models.layers import Initializer, NormFactory, conv_unit, dense_layer
 from sift_jax.registry import SIFT_MEMBERS
 from sift_jax.sift import settings as settings_lib
 from sift_jax.sift import sizes
@@ -48,14 +48,7 @@ class Member:
     dtype: Any = jnp.float32,
   ) -> nn.Module:
     """The replacement of a transformed Dense layer (x: (..., D_in) -> (..., features))."""
-    return TransformedDense(
-      features,
-      use_bias=use_bias,
-      kernel_init=kernel_init,
-      bias_init=nn.initializers.zeros,
-      dtype=dtype,
-      name=name,
-    )
+    return dense_layer(TransformedDense, features, name, kernel_init, use_bias, dtype)
 
   def conv(
     self,
@@ -69,15 +62,8 @@ class Member:
     dtype: Any = jnp.float32,
   ) -> nn.Module:
     """The replacement of a transformed bias-free conv + its normalisation."""
-    return TransformedConvNorm(
-      features=features,
-      kernel_size=tuple(kernel_size),
-      strides=tuple(strides),
-      kernel_init=kernel_init,
-      norm=norm,
-      sparse=True,
-      dtype=dtype,
-      name=name,
+    return conv_unit(
+      TransformedConvNorm, features, kernel_size, name, kernel_init, norm, strides, True, dtype
     )
 
 
