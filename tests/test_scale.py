@@ -229,29 +229,28 @@ def test_fsdp_masks_and_updates_match_data_parallel_and_one_device(tmp_path):
 # --------------------------------------------------------------------------- processes
 
 
-def test_two_processes_through_the_launcher_match_one_process(tmp_path):
-  c = scale_config()
-  train.train_and_evaluate(c, str(tmp_path / 'one'))
-  res = run_launcher([*config_flags(c), f'--workdir={tmp_path / "two"}'], processes=2, devices=1)
+def launch_and_match_one_device(tmp_path, c, name: str, devices: int) -> None:
+  """Runs `c` on 2 processes of `devices` devices and on 1 device; asserts equal losses."""
+  train.train_and_evaluate(scale_config(), str(tmp_path / 'one'))
+  res = run_launcher(
+    [*config_flags(c), f'--workdir={tmp_path / name}'], processes=2, devices=devices
+  )
   assert res.returncode == 0, res.stderr[-3000:]
-  with open(tmp_path / 'two' / 'summary.json') as f:
+  with open(tmp_path / name / 'summary.json') as f:
     summary = json.load(f)
-  assert (summary['process_count'], summary['device_count']) == (2, 2)
-  np.testing.assert_allclose(losses(tmp_path / 'one'), losses(tmp_path / 'two'), rtol=2e-5)
+  assert (summary['process_count'], summary['device_count']) == (2, 2 * devices)
+  np.testing.assert_allclose(losses(tmp_path / 'one'), losses(tmp_path / name), rtol=2e-5)
+
+
+def test_two_processes_through_the_launcher_match_one_process(tmp_path):
+  launch_and_match_one_device(tmp_path, scale_config(), 'two', devices=1)
   assert_close_params(read_params(tmp_path / 'one'), read_params(tmp_path / 'two'))
 
 
 @pytest.mark.slow
 def test_two_processes_of_four_devices_with_fsdp_match_one_device(tmp_path):
   """2 processes x 4 devices as 4 data x 2 fsdp: losses and mask updates as on 1 device."""
-  c = scale_config(fsdp=2)
-  train.train_and_evaluate(scale_config(), str(tmp_path / 'one'))
-  res = run_launcher([*config_flags(c), f'--workdir={tmp_path / "pod"}'], processes=2, devices=4)
-  assert res.returncode == 0, res.stderr[-3000:]
-  with open(tmp_path / 'pod' / 'summary.json') as f:
-    summary = json.load(f)
-  assert (summary['process_count'], summary['device_count']) == (2, 8)
-  np.testing.assert_allclose(losses(tmp_path / 'one'), losses(tmp_path / 'pod'), rtol=2e-5)
+  launch_and_match_one_device(tmp_path, scale_config(fsdp=2), 'pod', devices=4)
 
   run_worker('masks', tmp_path / 'one', [1], 1)
   command = [sys.executable, __file__, 'masks', str(tmp_path / 'pod'), '2']
