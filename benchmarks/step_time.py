@@ -7,7 +7,7 @@
 For each case: examples/s, step time, model FLOP/s (3 x analytical forward FLOPs per example,
 SPEC.md's convention) and MFU = model FLOP/s / the float32 matmul peak measured in the same
 process. Timings are the median of --windows windows of --steps steps each, after compilation.
---variants compiles the same step with other XLA compiler options (step_time_conv.VARIANTS) and
+--variants compiles the same step with other XLA compiler options (step_time_xla.VARIANTS) and
 times the variants in turns inside this one process, so their ratios hold on a shared machine.
 """
 
@@ -19,7 +19,7 @@ import time
 
 import jax
 from absl import app, flags
-from step_time_xla import VARIANTS
+from step_time_xla import VARIANTS, check_variants
 
 from sift_jax import config_lib, metrics, sharding, train
 
@@ -93,9 +93,7 @@ def measure(name: str, peak: float) -> dict[str, dict[str, float]]:
 
 def main(argv):
   del argv
-  for v in _VARIANTS.value:
-    if v not in VARIANTS:
-      raise ValueError(f'unknown variant {v!r}; known: {", ".join(VARIANTS)}')
+  check_variants(_VARIANTS.value)
   train.use_compilation_cache()
   peak = metrics.matmul_peak_flops()
   print(

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from step_time_xla import VARIANTS
+from step_time_xla import VARIANTS, check_variants
 
 # (spatial size, channels) of the 3x3 stride-1 convs in each stage of the CIFAR ResNet-18.
 STAGES = ((32, 64), (16, 128), (8, 256), (4, 512))
@@ -80,9 +80,7 @@ def best_seconds(fn, args, repeats: int) -> float:
 
 def main(argv):
   del argv
-  for name in _VARIANTS.value:
-    if name not in VARIANTS:
-      raise ValueError(f'unknown variant {name!r}; known: {", ".join(VARIANTS)}')
+  check_variants(_VARIANTS.value)
   dtype = jnp.dtype(_DTYPE.value)
   b = _BATCH.value
   print(f'3x3 convs, batch {b}, {_DTYPE.value}; GFLOP/s (best of {_REPEATS.value})')

@@ -13,3 +13,10 @@ VARIANTS = {
   'onednn': {'xla_cpu_use_onednn': True},
   'no_xnnpack': {'xla_cpu_use_xnnpack': False},
 }
+
+
+def check_variants(names: list[str]) -> None:
+  """Raises for a variant name that is not in VARIANTS, listing the known ones."""
+  for name in names:
+    if name not in VARIANTS:
+      raise ValueError(f'unknown variant {name!r}; known: {", ".join(VARIANTS)}')
