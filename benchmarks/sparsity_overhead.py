@@ -5,7 +5,9 @@
   python benchmarks/sparsity_overhead.py --skip_overhead --sizes=1e6,1e7,1e8
 
 Step-time ratios: an MLP 784-1024-1024-10 at batch 256 (SGD momentum) and a GPT of 4 layers,
-d 256, context 128, batch 16, byte vocabulary (AdamW), at 90% sparsity. Dense and sparse
+d 256, context 128, batch 16, byte vocabulary (AdamW), at 90% sparsity. Every step is
+sift_jax.train's own jitted train step on a fixed batch (dense: the same step with rule dense),
+in a process whose heap is kept (sift_jax.hostmem), as the trainer's is. Dense and sparse
 steps are timed in interleaved windows (dense, then each rule) and the median of the
 per-window ratios is printed. A rule that updates masks every dT steps is charged
 ((dT - 1) * plain step + 1 update step) / (dT * dense step), both measured in the window: the
@@ -28,7 +30,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from sift_jax import config_lib, models, sparsity
+from sift_jax import config_lib, hostmem, models, sparsity, train
+from sift_jax.state import TrainState
 
 _MODELS = flags.DEFINE_list('models', ['mlp', 'gpt'], 'Models to time: mlp, gpt.')
 _RULES = flags.DEFINE_list('rules', ['static', 'rigl', 'set', 'topkast', 'gse'], 'Rules to time.')
@@ -58,14 +61,14 @@ def run_config(rule: str) -> Any:
 
 
 def model_case(name: str):
-  """(model, variables, x, y, optimizer) of one benchmark model."""
+  """(config, model, variables, batch, optimizer, data kind) of one benchmark model."""
   c = config_lib.base_config()
   key = jax.random.PRNGKey(0)
   if name == 'mlp':
     c.model = models.model_config('mlp', hidden=(1024, 1024))
     meta = {'num_classes': 10, 'image_shape': (28, 28, 1)}
     x = jax.random.normal(key, (256, 28, 28, 1))
-    y = jax.random.randint(key, (256,), 0, 10)
+    batch, kind = {'image': x, 'label': jax.random.randint(key, (256,), 0, 10)}, 'image'
     tx = optax.sgd(0.01, momentum=0.9)
   elif name == 'gpt':
     c.model = models.model_config(
@@ -73,89 +76,61 @@ def model_case(name: str):
     )
     meta = {'vocab_size': 256, 'seq_len': 128}
     x = jax.random.randint(key, (16, 128), 0, 256)
-    y = jnp.roll(x, -1, axis=1)
+    batch, kind = {'inputs': x, 'targets': jnp.roll(x, -1, axis=1)}, 'text'
     tx = optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
   else:
     raise ValueError(f'unknown benchmark model {name!r}; allowed: mlp, gpt')
   model = models.build_model(c, meta)
   variables = model.init(jax.random.PRNGKey(1), x, train=False)
-  return model, variables, x, y, tx
+  return c, model, variables, batch, tx, kind
 
 
-def loss_of(model, params, perts, x, y):
-  v = {'params': params} if perts is None else {'params': params, 'perturbations': perts}
-  logits, mutated = model.apply(v, x, train=False, mutable=['intermediates'])
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return loss, mutated.get('intermediates', {})
+def case(name: str, rule_name: str):
+  """(rule, jitted train step of sift_jax.train, its initial state) for one model and rule."""
+  c, model, variables, batch, tx, kind = model_case(name)
+  variables = dict(variables)
+  params = variables.pop('params')
+  paths = models.sparse_kernel_paths({'params': params, **variables})
+  variables.pop('sparse', None)
+  rule = sparsity.make_rule(run_config(rule_name), params, paths)
+  sstate, params = rule.init(params, jax.random.PRNGKey(2))
+  state = TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=variables,
+    opt_state=tx.init(params),
+    sparsity=sstate,
+    rng=jax.random.PRNGKey(3),
+  )
+  step = train.make_train_step(model, tx, optax.constant_schedule(0.0), rule, kind, c)
+  state = jax.tree.map(jnp.copy, state)  # the step donates its state: no shared buffers
+  return rule, jax.jit(step, donate_argnums=0), state, batch
 
 
-def dense_step(model, tx):
-  def step(state, x, y, i):
-    params, opt_state = state
-    g = jax.grad(lambda p: loss_of(model, p, None, x, y)[0])(params)
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  return jax.jit(step, donate_argnums=0)
-
-
-def sparse_step(model, tx, rule, perts):
-  """The train step of DESIGN.md's data flow (GSE: with the capture and output gradients)."""
-
-  def step(state, x, y, i):
-    params, opt_state, sstate = state
-    fwd = rule.forward_params(sstate, params)
-    with rule.capture():
-      (_, inter), (g, gp) = jax.value_and_grad(
-        lambda f, q: loss_of(model, f, q, x, y), (0, 1), has_aux=True
-      )(fwd, perts)
-    aux = {'intermediates': inter, 'perturbations': gp} if rule.needs_aux else None
-    grads = rule.param_grads(sstate, params, g)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, rule.mask_updates(sstate, updates))
-    sstate, params, opt_state = rule.update(sstate, params, g, opt_state, i, None, aux)
-    return params, opt_state, sstate
-
-  return jax.jit(step, donate_argnums=0)
-
-
-def timed(fn, state, x, y, step: int, n: int):
-  """(mean seconds per call over n calls at schedule step `step`, final state)."""
-  i = jnp.asarray(step, jnp.int32)
+def timed(fn, state, batch, step: int, n: int):
+  """(mean seconds per call over n calls, all at schedule step `step`; final state)."""
   start = time.perf_counter()
   for _ in range(n):
-    state = fn(state, x, y, i)
+    state, _ = fn(state.replace(step=jnp.asarray(step, jnp.int32)), batch)
   jax.block_until_ready(state)
   return (time.perf_counter() - start) / n, state
 
 
 def overhead(name: str, rules: list[str], windows: int) -> dict[str, float]:
-  model, variables, x, y, tx = model_case(name)
-  params = variables['params']
-  paths = models.sparse_kernel_paths(variables)
-  d_fn = dense_step(model, tx)
-  own = lambda t: jax.tree.map(jnp.copy, t)  # steps donate their state: no shared buffers
-  d_state = own((params, tx.init(params)))
-  cases = {}
-  for r in rules:
-    rule = sparsity.make_rule(run_config(r), params, paths)
-    sstate, p = rule.init(params, jax.random.PRNGKey(2))
-    perts = (
-      rule.zero_perturbations(model, {'params': p}, x, train=False) if rule.needs_aux else None
-    )
-    cases[r] = [rule, sparse_step(model, tx, rule, perts), own((p, tx.init(p), sstate))]
+  cases = {r: list(case(name, r)) for r in ['dense', *rules]}
   n = STEPS[name]
-  _, d_state = timed(d_fn, d_state, x, y, 1, 1)  # compile
-  for case in cases.values():
-    _, case[2] = timed(case[1], case[2], x, y, EVERY, 1)
+  for c in cases.values():  # compile
+    _, c[2] = timed(c[1], c[2], c[3], EVERY, 1)
   ratios = {r: [] for r in rules}
   for _ in range(windows):
-    t_dense, d_state = timed(d_fn, d_state, x, y, 1, n)
-    for r, case in cases.items():
-      t_plain, case[2] = timed(case[1], case[2], x, y, 1, n)
+    d = cases['dense']
+    t_dense, d[2] = timed(d[1], d[2], d[3], 1, n)
+    for r in rules:
+      c = cases[r]
+      t_plain, c[2] = timed(c[1], c[2], c[3], 1, n)
       t_step = t_plain
-      if case[0].updates_masks:
-        t_update, case[2] = timed(case[1], case[2], x, y, EVERY, max(1, n // 4))
+      if c[0].updates_masks:
+        t_update, c[2] = timed(c[1], c[2], c[3], EVERY, max(1, n // 4))
         t_step = ((EVERY - 1) * t_plain + t_update) / EVERY
       ratios[r].append(t_step / t_dense)
   print(f'{name}: dense step {t_dense * 1e3:.1f} ms')
@@ -209,9 +184,11 @@ def scaling(rules: list[str], sizes: list[int]) -> dict[str, float]:
 
 def main(argv: list[str]) -> None:
   del argv
+  heap = hostmem.keep_freed_memory()
   print(
     f'machine: {platform.processor() or platform.machine()}, {jax.device_count()} '
-    f'{jax.devices()[0].platform} device(s), jax {jax.__version__}'
+    f'{jax.devices()[0].platform} device(s), jax {jax.__version__}, '
+    f'heap kept (sift_jax.hostmem): {heap}'
   )
   if not _SKIP_OVERHEAD.value:
     for name in _MODELS.value:

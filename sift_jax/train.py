@@ -25,6 +25,7 @@ from sift_jax import (
   checkpointing,
   data,
   flops,
+  hostmem,
   launch,
   models,
   optim,
@@ -177,7 +178,6 @@ def make_train_step(model, tx, schedule, rule, kind: str, c: ml_collections.Conf
       'train/accuracy': correct / accum,
       'train/grad_norm': optax.global_norm(g_fwd),
       'train/lr': schedule(state.step),
-      **rule.metrics(sstate),
     }
     return new_state, step_metrics
 
@@ -287,6 +287,12 @@ class Experiment:
   def eval_step(self):
     return jax.jit(make_eval_step(self.model, self.rule, self.dataset.kind))
 
+  def sparsity_metrics(self):
+    """The rule's metrics (densities, churn, itop) of a state, jitted: computed on log steps
+    only, since counting every mask each step costs ~5% of a small model's step."""
+    metrics = jax.jit(self.rule.metrics, out_shardings=sharding.replicated(self.mesh))
+    return lambda state: metrics(state.sparsity)
+
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Checks the config and builds mesh, data, model, optimizer, sparsity rule and FLOP count."""
@@ -360,6 +366,8 @@ def train_and_evaluate(
   t_start = time.time()
   use_compilation_cache()
   launch.initialize(config)  # before anything touches a device
+  if jax.default_backend() == 'cpu':
+    hostmem.keep_freed_memory()
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir)
   exp = build_experiment(config)
@@ -408,7 +416,7 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
   """Runs steps start_step+1 .. total_steps; returns (final state, last logged metrics)."""
   config, dataset = exp.config, exp.dataset
   total = config.total_steps
-  step_fn, eval_step = exp.train_step(), exp.eval_step()
+  step_fn, eval_step, sparsity_metrics = exp.train_step(), exp.eval_step(), exp.sparsity_metrics()
   unit = 'tokens' if dataset.kind == 'text' else 'examples'
   progress = metrics_lib.Progress(total, start_step, unit)
   final: dict[str, Any] = {}
@@ -430,11 +438,12 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
       is_ckpt = every(step, config.checkpoint_every_steps) or step == total
       if not (is_log or is_ckpt):
         continue
-      row = jax.device_get(step_metrics)  # the only device-to-host transfer of a step
+      row = jax.device_get(step_metrics)  # device-to-host only on log and checkpoint steps
       check_finite(row, step, ckpt)
       if is_log:
         now = time.perf_counter()
         row.update(throughput(exp, (now - t_last) / (step - s_last)))
+        row.update(jax.device_get(sparsity_metrics(state)))
         densities = sparsity.layer_densities_from_metrics(row)
         row['flops/train_per_example'] = train_flops(exp, densities, step)
         if exp.sift_flops is not None:

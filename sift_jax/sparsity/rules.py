@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from sift_jax.registry import RULES
 from sift_jax.sparsity import gse, select
@@ -166,7 +167,11 @@ class Rule:
     rng: jax.Array | None = None,
     aux: Any = None,
   ) -> tuple[dict[str, Any], Any, Any]:
-    """Runs the mask update when the schedule says so and every gradient is finite.
+    """Runs the mask update when the schedule says so and the gradients are finite.
+
+    Finite means a finite global norm (no NaN or Inf, and no overflowing norm): the trainer logs
+    the same norm, so XLA computes it once, where a separate isfinite pass over every gradient
+    would cost ~5% of a small model's step.
 
     Randomness is `rng` (or the state's key) folded with the step, so every device draws the
     same masks. Static shapes throughout: the step compiles once.
@@ -174,7 +179,7 @@ class Rule:
     if not self.updates_masks or not self.layers:
       return sstate, params, opt_state
     step = jnp.asarray(step, jnp.int32)
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(g_fwd)]))
+    finite = jnp.isfinite(optax.global_norm(g_fwd))
     base = sstate['key'] if rng is None else rng
     if jax.dtypes.issubdtype(base.dtype, jax.dtypes.prng_key):
       base = jax.random.key_data(base)
