@@ -355,12 +355,15 @@ def test_topkast_sets_and_untouched_weights():
   np.testing.assert_allclose(pen, 1e-4 * ref, rtol=1e-5)
 
 
-def test_gse_sampled_grads_and_grow_prune():
+def test_gse_sampled_grads_and_grow_prune(monkeypatch):
   x = jax.random.normal(jax.random.PRNGKey(0), (37, 11))
   gy = jax.random.normal(jax.random.PRNGKey(1), (37, 7))
   idx = jnp.asarray([0, 5, 76, 13, 40])
   dense = np.asarray(x).T @ np.asarray(gy)
   np.testing.assert_allclose(gse.sampled_grads(x, gy, idx), dense.reshape(-1)[idx], rtol=1e-5)
+  monkeypatch.setattr(gse, '_CHUNK', 2 * 37)  # chunks of 2 samples: the last one padded
+  np.testing.assert_allclose(gse.sampled_grads(x, gy, idx), dense.reshape(-1)[idx], rtol=1e-5)
+  assert gse.sampled_grads(x, gy, idx[:0]).shape == (0,)
 
   h = Harness('gse', widths=(23, 5), d_in=17, level=0.8)
   g, aux = h.grads(h.sstate, h.params)

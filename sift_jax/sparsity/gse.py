@@ -35,7 +35,7 @@ import numpy as np
 
 INPUTS = 'gse_inputs'  # sown into the 'intermediates' collection
 OUTPUTS = 'gse_outputs'  # perturbation name in the 'perturbations' collection
-_CHUNK = 2**22  # gathered elements per scan step: bounds the memory of sampled_grads
+_CHUNK = 2**21  # gathered elements per operand and chunk: bounds sampled_grads' memory
 
 
 def _module_path(kernel_path: Sequence[str]) -> tuple[str, ...]:
@@ -114,16 +114,25 @@ def layer_aux(aux: Any, kernel_path: Sequence[str], shape: tuple[int, ...]):
 
 
 def sampled_grads(x: jax.Array, gy: jax.Array, idx: jax.Array) -> jax.Array:
-  """dL/dW at flat kernel positions idx: sum_b x[b, idx // D_out] * gy[b, idx % D_out]."""
+  """dL/dW at flat kernel positions idx: sum_b x[b, idx // D_out] * gy[b, idx % D_out].
+
+  Works on the transposed activations, so each sample gathers two contiguous rows of length N
+  (not 2N scattered elements: 4-6x faster on CPU), in chunks of samples that bound the
+  gathered memory to _CHUNK elements per operand.
+  """
   n, c = x.shape[0], idx.shape[0]
-  rows = max(1, min(n, _CHUNK // max(c, 1)))
-  pad = (-n) % rows
-  i, j = idx // gy.shape[1], idx % gy.shape[1]  # (C,), (C,)
-  xs = jnp.pad(x.astype(jnp.float32), ((0, pad), (0, 0))).reshape(-1, rows, x.shape[1])
-  gs = jnp.pad(gy.astype(jnp.float32), ((0, pad), (0, 0))).reshape(-1, rows, gy.shape[1])
+  if c == 0:
+    return jnp.zeros((0,), jnp.float32)
+  chunk = max(1, min(c, _CHUNK // max(n, 1)))
+  pad = (-c) % chunk
+  xt = x.astype(jnp.float32).T  # (D_in, N)
+  gt = gy.astype(jnp.float32).T  # (D_out, N)
+  i = jnp.pad(idx // gy.shape[1], (0, pad)).reshape(-1, chunk)  # (C / chunk, chunk); pads read row 0
+  j = jnp.pad(idx % gy.shape[1], (0, pad)).reshape(-1, chunk)
 
-  def body(acc, chunk):
-    xc, gc = chunk  # (rows, D_in), (rows, D_out)
-    return acc + jnp.sum(xc[:, i] * gc[:, j], axis=0), None  # (C,)
+  def dots(ij):
+    rows_x = xt.at[ij[0]].get(mode='promise_in_bounds')  # (chunk, N)
+    rows_g = gt.at[ij[1]].get(mode='promise_in_bounds')  # (chunk, N)
+    return jnp.sum(rows_x * rows_g, axis=1)  # (chunk,)
 
-  return jax.lax.scan(body, jnp.zeros((c,), jnp.float32), (xs, gs))[0]
+  return jax.lax.map(dots, (i, j)).reshape(-1)[:c]
