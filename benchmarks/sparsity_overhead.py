@@ -8,8 +8,9 @@ Step-time ratios: an MLP 784-1024-1024-10 at batch 256 (SGD momentum) and a GPT 
 d 256, context 128, batch 16, byte vocabulary (AdamW), at 90% sparsity. Every step is
 sift_jax.train's own jitted train step on a fixed batch (dense: the same step with rule dense),
 in a process whose heap is kept (sift_jax.hostmem), as the trainer's is. Dense and sparse
-steps are timed in interleaved windows (dense, then each rule) and the median of the
-per-window ratios is printed. A rule that updates masks every dT steps is charged
+steps are timed in interleaved windows (dense, rule 1, dense, rule 2, dense, ...); each
+rule's time is divided by the mean of the dense times just before and after it, and the
+median of these per-window ratios is printed. A rule that updates masks every dT steps is charged
 ((dT - 1) * plain step + 1 update step) / (dT * dense step), both measured in the window: the
 update step is the same compiled function called at a step where the schedule fires.
 
@@ -35,7 +36,7 @@ from sift_jax.state import TrainState
 
 _MODELS = flags.DEFINE_list('models', ['mlp', 'gpt'], 'Models to time: mlp, gpt.')
 _RULES = flags.DEFINE_list('rules', ['static', 'rigl', 'set', 'topkast', 'gse'], 'Rules to time.')
-_WINDOWS = flags.DEFINE_integer('windows', 5, 'Interleaved timing windows (median of ratios).')
+_WINDOWS = flags.DEFINE_integer('windows', 9, 'Interleaved timing windows (median of ratios).')
 _SIZES = flags.DEFINE_list('sizes', ['1e6', '3e6', '1e7', '3e7', '1e8'], 'Kernel sizes n.')
 _SCALE_RULES = flags.DEFINE_list(
   'scale_rules', ['set', 'rigl', 'topkast', 'gse', 'gmp'], 'Rules for the scaling fit.'
@@ -45,8 +46,8 @@ _SKIP_SCALING = flags.DEFINE_bool('skip_scaling', False, 'Only run the step-time
 
 SPARSITY = 0.9
 EVERY = 100  # dT for RigL/SET/GSE, N for Top-KAST
-# Steps per window: the GPT step is ~100x slower than the MLP one.
-STEPS = {'mlp': 20, 'gpt': 2}
+# Steps per timing: ~1 s each (the GPT step is ~15x slower than the MLP one).
+STEPS = {'mlp': 40, 'gpt': 4}
 
 
 def run_config(rule: str) -> Any:
@@ -121,19 +122,24 @@ def overhead(name: str, rules: list[str], windows: int) -> dict[str, float]:
   n = STEPS[name]
   for c in cases.values():  # compile
     _, c[2] = timed(c[1], c[2], c[3], EVERY, 1)
+  d = cases['dense']
   ratios = {r: [] for r in rules}
+  dense_times = []
   for _ in range(windows):
-    d = cases['dense']
-    t_dense, d[2] = timed(d[1], d[2], d[3], 1, n)
+    t_before, d[2] = timed(d[1], d[2], d[3], 1, n)
+    dense_times.append(t_before)
     for r in rules:
       c = cases[r]
-      t_plain, c[2] = timed(c[1], c[2], c[3], 1, n)
-      t_step = t_plain
+      t_step, c[2] = timed(c[1], c[2], c[3], 1, n)
       if c[0].updates_masks:
         t_update, c[2] = timed(c[1], c[2], c[3], EVERY, max(1, n // 4))
-        t_step = ((EVERY - 1) * t_plain + t_update) / EVERY
-      ratios[r].append(t_step / t_dense)
-  print(f'{name}: dense step {t_dense * 1e3:.1f} ms')
+        t_step = ((EVERY - 1) * t_step + t_update) / EVERY
+      t_after, d[2] = timed(d[1], d[2], d[3], 1, n)
+      # Each rule against the dense steps timed just before and after it: slow drifts of a
+      # shared machine cancel.
+      ratios[r].append(t_step / ((t_before + t_after) / 2))
+      t_before = t_after
+  print(f'{name}: dense step {statistics.median(dense_times) * 1e3:.1f} ms (median)')
   out = {}
   for r, rs in ratios.items():
     out[r] = statistics.median(rs)
