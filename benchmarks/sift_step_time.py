@@ -20,7 +20,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_time  # noqa: E402  (the shared timing loop and case table of the dense benchmark)
 
-from sift_jax import data, train  # noqa: E402
+from sift_jax import data, hostmem, train  # noqa: E402
 from sift_jax.sift import report  # noqa: E402
 
 CONFIGS = {'gpt': 'configs/gpt_small_dense.py', 'resnet': 'configs/resnet18_cifar100.py'}
@@ -48,8 +48,9 @@ def flop_ratio(name: str) -> float:
 def main(argv):
   del argv
   train.use_compilation_cache()
+  heap = hostmem.keep_freed_memory()  # as the trainer does on CPU
   peak = 1.0  # MFU is not reported here; only ratios measured in this process
-  print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}')
+  print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, heap kept: {heap}')
   print(
     f'{"model":<7} {"member":<11} {"s":>5} {"step ms":>9} {"time/dense":>11} {"FLOPs/dense":>12}'
   )

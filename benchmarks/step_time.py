@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 from step_time_xla import VARIANTS, check_variants
 
-from sift_jax import config_lib, metrics, sharding, train
+from sift_jax import config_lib, hostmem, metrics, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
@@ -95,9 +95,10 @@ def main(argv):
   del argv
   check_variants(_VARIANTS.value)
   train.use_compilation_cache()
+  heap = hostmem.keep_freed_memory()  # as the trainer does on CPU
   peak = metrics.matmul_peak_flops()
   print(
-    f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, '
+    f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, heap kept: {heap}, '
     f'float32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048^3, best of 5)'
   )
   print(f'{"case":<34} {"variant":<10} {"examples/s":>11} {"step ms":>9} {"GFLOP/s":>9} {"MFU":>6}')

@@ -114,7 +114,7 @@ def layer_aux(aux: Any, kernel_path: Sequence[str], shape: tuple[int, ...]):
 
 
 def sampled_grads(x: jax.Array, gy: jax.Array, idx: jax.Array) -> jax.Array:
-  """dL/dW at flat kernel positions idx: sum_b x[b, idx // D_out] * gy[b, idx % D_out].
+  """dL/dW at flat kernel positions idx (each in [0, D_in * D_out)): sum_b x[b, i] * gy[b, j].
 
   Works on the transposed activations, so each sample gathers two contiguous rows of length N
   (not 2N scattered elements: 4-6x faster on CPU), in chunks of samples that bound the
@@ -127,7 +127,8 @@ def sampled_grads(x: jax.Array, gy: jax.Array, idx: jax.Array) -> jax.Array:
   pad = (-c) % chunk
   xt = x.astype(jnp.float32).T  # (D_in, N)
   gt = gy.astype(jnp.float32).T  # (D_out, N)
-  i = jnp.pad(idx // gy.shape[1], (0, pad)).reshape(-1, chunk)  # (C / chunk, chunk); pads read row 0
+  # (C / chunk, chunk) row and column indices; the padding reads row 0, column 0.
+  i = jnp.pad(idx // gy.shape[1], (0, pad)).reshape(-1, chunk)
   j = jnp.pad(idx % gy.shape[1], (0, pad)).reshape(-1, chunk)
 
   def dots(ij):
