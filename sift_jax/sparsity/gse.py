@@ -114,11 +114,11 @@ def layer_aux(aux: Any, kernel_path: Sequence[str], shape: tuple[int, ...]):
 
 
 def sampled_grads(x: jax.Array, gy: jax.Array, idx: jax.Array) -> jax.Array:
-  """dL/dW at flat kernel positions idx (each in [0, D_in * D_out)): sum_b x[b, i] * gy[b, j].
+  """dL/dW at flat kernel positions idx: sum_b x[b, i] * gy[b, j], (i, j) = divmod(idx, D_out).
 
   Works on the transposed activations, so each sample gathers two contiguous rows of length N
   (not 2N scattered elements: 4-6x faster on CPU), in chunks of samples that bound the
-  gathered memory to _CHUNK elements per operand.
+  gathered memory to _CHUNK elements per operand. Indices must lie in [0, D_in * D_out).
   """
   n, c = x.shape[0], idx.shape[0]
   if c == 0:
