@@ -25,24 +25,27 @@ def order_keys(scores: jax.Array) -> jax.Array:
   return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _top_digit(digits: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The digit d holding the k-th largest entry, and how many entries have a digit above d.
+def _top_digit(digits: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The digit d holding the k-th largest entry, how many entries have a digit above d, and
+  how many have digit d.
 
   Entries equal to 2**_DIGIT are ignored (filtered out by the caller).
   """
   hist = jnp.bincount(digits, length=2**_DIGIT + 1)[: 2**_DIGIT]  # (65536,)
   at_or_above = jnp.cumsum(hist[::-1])[::-1]  # (65536,): count(digit >= d), non-increasing
   d = jnp.sum(at_or_above >= k, dtype=jnp.int32) - 1
-  return d, at_or_above[d] - hist[d]
+  return d, at_or_above[d] - hist[d], hist[d]
 
 
-def _kth_largest_key(keys: jax.Array, k: jax.Array) -> jax.Array:
-  """The k-th largest value of uint32 `keys` (1 <= k <= keys.size): two histogram passes."""
+def _kth_largest_key(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The k-th largest value t of uint32 `keys` (1 <= k <= keys.size) by two histogram passes,
+  with count(keys > t) and count(keys == t) read off the histograms (no extra pass)."""
   hi = (keys >> _DIGIT).astype(jnp.int32)  # (n,)
-  d_hi, above = _top_digit(hi, k)
+  d_hi, above_hi, _ = _top_digit(hi, k)
   lo = jnp.where(hi == d_hi, (keys & (2**_DIGIT - 1)).astype(jnp.int32), 2**_DIGIT)  # (n,)
-  d_lo, _ = _top_digit(lo, k - above)
-  return (d_hi.astype(jnp.uint32) << _DIGIT) | d_lo.astype(jnp.uint32)
+  d_lo, above_lo, ties = _top_digit(lo, k - above_hi)
+  t = (d_hi.astype(jnp.uint32) << _DIGIT) | d_lo.astype(jnp.uint32)
+  return t, above_hi + above_lo, ties
 
 
 def flat_index(shape: tuple[int, ...]) -> jax.Array:
@@ -77,14 +80,13 @@ def _first_ties(tie: jax.Array, need: jax.Array) -> jax.Array:
 def topk_keys_mask(keys: jax.Array, k: jax.Array | int) -> jax.Array:
   """Bool mask of the k largest uint32 keys (ties by lowest flat index); exactly min(k, n)."""
   k = jnp.clip(jnp.asarray(k, jnp.int32), 0, keys.size)
-  t = _kth_largest_key(keys.reshape(-1), jnp.maximum(k, 1))
-  above = keys > t
-  need = k - jnp.sum(above, dtype=jnp.int32)
-  tie = keys == t
-  picked = jax.lax.cond(
-    need >= jnp.sum(tie, dtype=jnp.int32), lambda: tie, lambda: _first_ties(tie, need)
+  t, above, ties = _kth_largest_key(keys.reshape(-1), jnp.maximum(k, 1))
+  need = k - above  # ties to take; 0 <= need <= ties except when k = 0
+  return jax.lax.cond(
+    need >= ties,
+    lambda: keys >= t,
+    lambda: (keys > t) | _first_ties(keys == t, need),
   )
-  return above | picked
 
 
 def topk_mask(scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None) -> jax.Array:
