@@ -129,15 +129,18 @@ TOPK = jax.jit(select.topk_mask)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 400), st.data(), st.booleans())
-def test_topk_equals_stable_argsort(n, data, ties):
+@given(
+  st.integers(1, 400), st.data(), st.booleans(), st.sampled_from([(400,), (16, 25), (4, 10, 10)])
+)
+def test_topk_equals_stable_argsort(n, data, ties, shape):
   k = data.draw(st.integers(0, n))
   rng = np.random.default_rng(n)
   s = rng.normal(size=400).astype(np.float32)
   if ties:
     s = np.round(s)  # many equal scores, including -0.0 and +0.0
-  valid = np.arange(400) < n  # one compiled shape; the first n entries are the input
-  got = np.asarray(TOPK(jnp.asarray(s), k, jnp.asarray(valid)))[:n]
+  valid = np.arange(400) < n  # one compiled shape each; the first n entries are the input
+  got = TOPK(jnp.asarray(s).reshape(shape), k, jnp.asarray(valid).reshape(shape))
+  got = np.asarray(got).reshape(-1)[:n]
   ref = np.zeros(n, bool)
   ref[np.argsort(-s[:n], kind='stable')[:k]] = True
   np.testing.assert_array_equal(got, ref)

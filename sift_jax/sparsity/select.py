@@ -59,22 +59,20 @@ def flat_index(shape: tuple[int, ...]) -> jax.Array:
 
 
 def _first_ties(tie: jax.Array, need: jax.Array) -> jax.Array:
-  """The `need` lowest-index True entries of `tie`, by bisection on an index bound.
+  """The `need` lowest-index (row-major) True entries of `tie`, in one pass over it.
 
-  A cumsum over the flattened layer would make XLA gather a sharded layer whole onto every
-  device; counting below a bound is a sum, which stays sharded.
+  Ties are counted per row (every axis but the last: a reduction, which stays sharded); a
+  cumsum over those counts finds the row holding the need-th tie and a cumsum over that one
+  row its column. A cumsum over the whole flattened layer would make XLA gather a sharded
+  layer onto every device, and a bisection on an index bound costs log2(n) passes.
   """
-  n = tie.size
-  idx = flat_index(tie.shape)
-  bits = max(int(n).bit_length(), 1)
-
-  def body(i, pos):
-    cand = pos + (jnp.int32(1) << (bits - 1 - i))
-    fewer = jnp.sum(tie & (idx < cand), dtype=jnp.int32) < need
-    return jnp.where(fewer & (cand <= n), cand, pos)
-
-  pos = jax.lax.fori_loop(0, bits, body, jnp.int32(0))
-  return tie & (idx <= pos) & (need > 0)
+  row_ties = jnp.sum(tie, axis=-1, dtype=jnp.int32).reshape(-1)  # (R,)
+  through = jnp.cumsum(row_ties)  # (R,): ties in rows 0..r
+  r = jnp.minimum(jnp.sum(through < need, dtype=jnp.int32), row_ties.size - 1)
+  need_in_row = need - (through[r] - row_ties[r])
+  row = tie[jnp.unravel_index(r, tie.shape[:-1])] if tie.ndim > 1 else tie  # (C,)
+  col = jnp.sum(jnp.cumsum(row, dtype=jnp.int32) < need_in_row, dtype=jnp.int32)
+  return tie & (flat_index(tie.shape) <= r * tie.shape[-1] + col) & (need > 0)
 
 
 def topk_keys_mask(keys: jax.Array, k: jax.Array | int) -> jax.Array:
