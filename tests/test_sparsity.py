@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import subprocess
 import sys
@@ -401,6 +402,62 @@ def test_gmp_reaches_target():
   assert h.layer(h.sstate['masks'], 'fc0').sum() == 40
   dens = [float(x) for x in h.rule.target_active_blocks(jnp.arange(0, 31, 3))[0]]
   assert dens[0] == 160 and dens == sorted(dens, reverse=True) and dens[-1] == 40
+
+
+@pytest.mark.parametrize(
+  ('total', 'every', 'start', 'end_fraction'), [(100, 100, 0, 0.75), (1000, 100, 700, 0.75)]
+)
+def test_gmp_without_update_step_is_an_error(total, every, start, end_fraction):
+  params = {'a': {'kernel': jnp.ones((8, 8))}}
+  c = make_config('gmp', 0.9, update_every_steps=every, start_step=start, end_fraction=end_fraction)
+  c.total_steps = total
+  with pytest.raises(ValueError, match='never prunes') as err:
+    sparsity.make_rule(c, params, [('a', 'kernel')])
+  for key in ('sparsity.update_every_steps', 'sparsity.start_step', 'sparsity.end_fraction'):
+    assert key in str(err.value)
+  assert 'total_steps' in str(err.value)
+
+
+@pytest.mark.parametrize('rule_name', ['rigl', 'set', 'topkast'])
+def test_dynamic_rule_without_update_step_warns(rule_name):
+  params = {'a': {'kernel': jnp.ones((8, 8))}}
+  c = make_config(rule_name, 0.5, update_every_steps=100, topkast_every_steps=100)
+  c.total_steps = 100
+  with pytest.warns(UserWarning, match='never updates its masks'):
+    sparsity.make_rule(c, params, [('a', 'kernel')])
+
+
+def test_gmp_reaches_target_exactly_at_its_last_update():
+  params = {'a': {'kernel': jnp.ones((37, 11))}, 'b': {'kernel': jnp.ones((3, 5))}}
+  for total, every, start, end_fraction in itertools.product(
+    (7, 100, 200, 1000), (1, 3, 100), (0, 5, 700), (0.5, 0.75, 1.0)
+  ):
+    c = make_config(
+      'gmp', 0.9, update_every_steps=every, start_step=start, end_fraction=end_fraction
+    )
+    c.total_steps = total
+    try:
+      rule = sparsity.make_rule(c, params, [('a', 'kernel'), ('b', 'kernel')])
+    except ValueError as e:
+      assert 'never prunes' in str(e)
+      continue
+    steps = list(rule.schedule.steps())
+    traced = np.flatnonzero(rule.schedule.is_update(np.arange(total))).tolist()
+    assert traced == steps and steps, (total, every, start, end_fraction)
+    counts = rule.counts.T  # (L, n + 1): before any update, after each
+    assert counts[:, 0].tolist() == [407, 15]
+    assert counts[:, -1].tolist() == [plan.exact_count(1 - 0.9, n) for n in (407, 15)]
+    assert np.all(np.diff(counts, axis=1) <= 0)
+    if len(steps) > 1:  # gradual: the big layer is not pruned all at once
+      assert counts[0, 1] > counts[0, -1]
+  # The traced lookup follows the table; the cubic is optax's polynomial schedule, in float64.
+  got = np.asarray(rule.target_active_blocks(jnp.asarray([0, *steps, total])))  # (L, n + 2)
+  np.testing.assert_array_equal(got[:, :-1], counts)
+  np.testing.assert_array_equal(got[:, -1], counts[:, -1])
+  cubic = optax.polynomial_schedule(0.0, 1.0, 3, steps[-1] - start, start)
+  frac = np.asarray(cubic(jnp.asarray(steps)), np.float64)
+  ref = np.maximum(np.round((1 - 0.9 * frac) * 407), counts[0, -1])
+  np.testing.assert_allclose(counts[0, 1:], ref, atol=1)
 
 
 def test_block_masks_keep_blocks_whole():

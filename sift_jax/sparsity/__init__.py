@@ -13,6 +13,7 @@ distributions in `registry.DISTRIBUTIONS` (uniform, erk).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -72,7 +73,16 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
       float(s.power_scale),
       tuple(int(b) for b in s.block_shape),
     )
-  return cls(config, params_shapes, layers)
+  rule = cls(config, params_shapes, layers)
+  if rule.updates_masks and rule.layers and not rule.schedule.steps():
+    # Not an error: the run still holds its exact sparsity, as a static one (GMP, which would
+    # end dense, raises instead).
+    warnings.warn(
+      f'sparsity.rule={s.rule} never updates its masks: {rule.window()} are none, so it trains '
+      'as static. Lower the update interval or sparsity.start_step, or lengthen the window.',
+      stacklevel=2,
+    )
+  return rule
 
 
 def masks_of(sstate: dict[str, Any]) -> Any:

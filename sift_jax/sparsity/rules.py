@@ -26,7 +26,7 @@ import optax
 from sift_jax.registry import RULES
 from sift_jax.sparsity import gse, select
 from sift_jax.sparsity.plan import Layer, check_level, exact_count, path_of
-from sift_jax.sparsity.schedules import DropSchedule, TargetSchedule, UpdateSchedule, end_step
+from sift_jax.sparsity.schedules import DropSchedule, UpdateSchedule, cubic_counts, end_step
 
 
 def _is_none(x: Any) -> bool:
@@ -65,6 +65,9 @@ class Rule:
 
   needs_aux = False
   updates_masks = True  # False: masks never change after init
+  # The config keys that set the update window, for messages.
+  every_key = 'sparsity.update_every_steps'
+  end_key = 'sparsity.end_fraction * total_steps'
 
   def __init__(
     self, config: ml_collections.ConfigDict, params_shapes: Any, layers: list[Layer]
@@ -80,6 +83,10 @@ class Rule:
     self.drop = DropSchedule(s.drop_schedule, float(s.drop_fraction), end, float(s.drop_decay))
     self.regrow_dropped = bool(s.regrow_dropped)
     self.init_rescale = bool(s.init_rescale)
+
+  def window(self) -> str:
+    """The update window in words, naming the keys that set it."""
+    return self.schedule.window(self.every_key, self.end_key)
 
   # ----- tree plumbing: sparse leaves as lists aligned with self.layers
   def _leaves(self, tree: Any) -> list[Any]:
@@ -331,12 +338,15 @@ class TopKAST(Rule):
   A is a prefix of B). Weights outside B keep their values and get no update.
   """
 
+  every_key = 'sparsity.topkast_every_steps'
+  end_key = 'total_steps'
+
   def __init__(self, config, params_shapes, layers):
     super().__init__(config, params_shapes, layers)
     s = config.sparsity
     self.penalty = float(s.topkast_penalty)
     every = int(s.topkast_every_steps)
-    self.schedule = UpdateSchedule(every, int(s.start_step), int(config.total_steps) + 1)
+    self.schedule = UpdateSchedule(every, int(s.start_step), int(config.total_steps))
     back = float(s.backward_level)
     check_level(back, 'sparsity.backward_level')
     if back > float(s.level):
@@ -481,25 +491,41 @@ class GSE(Rule):
 class GMP(Rule):
   """Gradual magnitude pruning (Zhu & Gupta): dense start, cubic schedule to each layer's target.
 
-  Each update keeps the round((1 - s_t) * n) largest |w| among the active weights, with
-  s_t = s_layer * (1 - (1 - progress)^3) reaching s_layer at the last update step.
+  Update k of n keeps the top-|w| active weights down to row k of `counts` (see
+  `schedules.cubic_counts`): integers fixed at build time, the last row the plan's exact count.
+  A window without any update step cannot prune at all and is an error at build time.
   """
 
   def __init__(self, config, params_shapes, layers):
     super().__init__(config, params_shapes, layers)
     sch = self.schedule
-    last = sch.start + max((sch.end - 1 - sch.start) // sch.every, 1) * sch.every
-    self.target = TargetSchedule('cubic', sch.start, last)
+    if layers and not sch.steps():
+      raise ValueError(
+        f'sparsity.rule=gmp never prunes: {self.window()} are none, so the run would end dense. '
+        'Lower sparsity.update_every_steps or sparsity.start_step, or raise '
+        'sparsity.end_fraction or total_steps.'
+      )
+    self.counts = (
+      cubic_counts(
+        sch,
+        [layer.sparsity for layer in layers],
+        [layer.blocks for layer in layers],
+        [layer.active_blocks for layer in layers],
+      )
+      if layers
+      else np.zeros((1, 0), np.int32)
+    )  # (updates + 1, L)
 
   def initial_masks(self, params, key):
     return {'masks': self._tree([jnp.ones(layer.shape, bool) for layer in self.layers])}
 
   def target_active_blocks(self, step: jax.Array) -> list[jax.Array]:
-    frac = self.target(step)
-    return [
-      jnp.round((1.0 - layer.sparsity * frac) * layer.blocks).astype(jnp.int32)
-      for layer in self.layers
-    ]
+    """Each layer's active block count once the updates up to `step` (inclusive) have run."""
+    sch = self.schedule
+    done = jnp.clip((jnp.asarray(step) - sch.start) // sch.every, 0, len(self.counts) - 1)
+    done = jnp.where(jnp.asarray(step) >= sch.end, len(self.counts) - 1, done)
+    row = jnp.asarray(self.counts)[done]  # (..., L)
+    return [row[..., j] for j in range(len(self.layers))]
 
   def new_masks(self, sstate, params, g_fwd, step, key, aux):
     masks = [
