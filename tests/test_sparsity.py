@@ -460,6 +460,47 @@ def test_gmp_reaches_target_exactly_at_its_last_update():
   np.testing.assert_allclose(counts[0, 1:], ref, atol=1)
 
 
+# Shapes whose count round((1 - s) n) differs when computed in float32 (s = 0.9, 0.7, 0.99).
+ODD_SHAPES = ((3, 5), (5, 7), (7, 15), (5, 23), (5, 10), (11, 5))
+
+
+@pytest.mark.parametrize('rule_name', ['rigl', 'topkast', 'gmp'])
+def test_every_rule_holds_the_plans_exact_count(rule_name):
+  params = {
+    f'l{i}': {'kernel': jax.random.normal(jax.random.PRNGKey(i), shape)}
+    for i, shape in enumerate(ODD_SHAPES)
+  }
+  c = make_config(rule_name, 0.9, overrides='l4/kernel=0.99, l5/kernel=0.7', end_fraction=0.75)
+  c.total_steps = 8
+  rule = sparsity.make_rule(c, params, [(f'l{i}', 'kernel') for i in range(len(ODD_SHAPES))])
+  levels = {f'l{i}': 0.9 for i in range(4)} | {'l4': 0.99, 'l5': 0.7}
+  expect = {
+    f'{k}/kernel': plan.exact_count(1 - v, params[k]['kernel'].size) for k, v in levels.items()
+  }
+  assert {layer.name: layer.active for layer in rule.layers} == expect
+  sstate, p = jax.jit(rule.init)(params, jax.random.PRNGKey(0))
+  opt = optax.sgd(0.1).init(p)
+  update = jax.jit(rule.update)
+  for step in range(c.total_steps):
+    g = jax.tree.map(lambda x, step=step: jnp.sin(x * (step + 2.0)), p)
+    sstate, p, opt = update(sstate, p, g, opt, step)
+  got = {k: int(np.asarray(v['kernel']).sum()) for k, v in sstate['masks'].items()}
+  assert {f'{k}/kernel': v for k, v in got.items()} == expect
+
+
+def test_exact_count_of_a_big_layer_from_shapes_only():
+  params = {
+    'a': {'kernel': jax.ShapeDtypeStruct((3, 3, 64, 64), jnp.float32)},
+    'b': {'kernel': jax.ShapeDtypeStruct((3, 3, 2020, 2020), jnp.float32)},
+  }
+  for rule_name in ('static', 'rigl', 'topkast', 'gmp'):
+    c = make_config(rule_name, 0.9)
+    rule = sparsity.make_rule(c, params, [('a', 'kernel'), ('b', 'kernel')])
+    assert rule.layers[1].active == 3672360  # round(0.1 * 36723600), not 3672361
+    if rule_name == 'gmp':
+      assert rule.counts[-1].tolist() == [3686, 3672360]
+
+
 def test_block_masks_keep_blocks_whole():
   h = Harness('rigl', widths=(12, 4), d_in=8, level=0.75, block_shape=(2, 2))
   for _ in h.run(5):
