@@ -209,6 +209,35 @@ def test_default_filter_skips_first_last_embeddings_norms():
   assert [layer.name for layer in layers] == ['conv_10/kernel', 'conv_2/kernel']
 
 
+class Named(nn.Module):
+  """Layers whose sorted names differ from the order they run in."""
+
+  names: tuple[str, ...]
+  conv: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    for name in self.names[:-1]:
+      x = nn.relu(nn.Conv(4, (3, 3), name=name)(x) if self.conv else nn.Dense(6, name=name)(x))
+    return nn.Dense(3, name=self.names[-1])(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize(
+  ('names', 'conv', 'sparse'),
+  [
+    (('hidden_0', 'hidden_1', 'hidden_2', 'classifier'), False, ['hidden_1', 'hidden_2']),
+    (('conv_in', 'block1', 'block2', 'head'), True, ['block1', 'block2']),
+  ],
+)
+def test_default_filter_uses_network_order(names, conv, sparse):
+  x = jnp.zeros((1, 5, 5, 2) if conv else (1, 4))
+  params = Named(names, conv).init(jax.random.PRNGKey(0), x)['params']
+  rule = sparsity.make_rule(make_config('static', 0.5), params)
+  assert sorted(layer.name.split('/')[0] for layer in rule.layers) == sparse
+  nested = {'params': params}  # a leading 'params' level and nesting keep the order
+  assert plan.network_order(nested)[0][:2] == ('params', names[0])
+
+
 def test_overrides_set_layer_sparsity():
   params = {'a': {'kernel': jnp.ones((10, 10))}, 'b': {'kernel': jnp.ones((10, 10))}}
   layers = plan.make_plan(params, 0.5, 'uniform', [('a', 'kernel')], 'b/*=0.9, a/kernel=0.2')

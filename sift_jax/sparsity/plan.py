@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -45,18 +45,30 @@ def _strip_root(path: Path) -> Path:
   return path[1:] if path and path[0] == 'params' else path
 
 
-def _natural(name: str) -> list[Any]:
-  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+def network_order(tree: Any, prefix: Path = ()) -> list[Path]:
+  """Leaf paths in the order the network creates them: mappings in insertion order.
+
+  Flax builds its params dicts in call order, so `model.init(...)['params']` lists the first
+  layer first. jax's own flattening sorts dict keys (and a params tree that went through
+  jax.jit or jax.eval_shape comes back sorted), so the order is read from the mappings
+  themselves; other containers follow jax's order.
+  """
+  if isinstance(tree, Mapping):
+    return [q for k, v in tree.items() for q in network_order(v, (*prefix, key_str(k)))]
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [(*prefix, *path_of(kp)) for kp, _ in flat]
 
 
 def default_sparse_paths(paths: Sequence[Path], shapes: Sequence[tuple[int, ...]]) -> list[Path]:
-  """SPEC.md section 2: kernels with >= 2 dims except the first, the last, embeddings, norms."""
+  """SPEC.md section 2: kernels with >= 2 dims except the first, the last, embeddings, norms.
+
+  First and last are by the order of `paths`, which should be network order (`network_order`).
+  """
   kernels = [
     p
     for p, s in zip(paths, shapes, strict=True)
     if len(s) >= 2 and p and p[-1] == 'kernel' and not any(_DENSE_PARTS.search(q) for q in p)
   ]
-  kernels.sort(key=lambda p: _natural('/'.join(p)))
   return kernels[1:-1]
 
 
@@ -152,7 +164,7 @@ def make_plan(
   """The sparse layers of a params tree (shapes or arrays) with their exact active counts.
 
   `sparse_paths` are the kernels the model declares sparse (a leading 'params' is ignored);
-  None applies the default filter. An override `pattern=s` sets a layer's sparsity (making it
+  None applies the default filter, first and last layer by network order (`network_order`). An override `pattern=s` sets a layer's sparsity (making it
   sparse if it was not; s = 0 makes it dense) and must match some parameter.
   """
   check_level(sparsity, 'sparsity.level')
@@ -162,7 +174,12 @@ def make_plan(
   shapes = [tuple(leaf.shape) for _, leaf in flat]
   names = ['/'.join(_strip_root(p)) for p in paths]
   if sparse_paths is None:
-    chosen = {_strip_root(p) for p in default_sparse_paths(paths, shapes)}
+    rank = {p: i for i, p in enumerate(network_order(params_shapes))}
+    order = sorted(range(len(paths)), key=lambda i: rank.get(paths[i], i))
+    chosen = {
+      _strip_root(p)
+      for p in default_sparse_paths([paths[i] for i in order], [shapes[i] for i in order])
+    }
   else:
     chosen = {_strip_root(tuple(str(q) for q in p)) for p in sparse_paths}
     known = {_strip_root(p) for p in paths}
