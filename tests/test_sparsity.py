@@ -238,6 +238,25 @@ def test_default_filter_uses_network_order(names, conv, sparse):
   assert plan.network_order(nested)[0][:2] == ('params', names[0])
 
 
+def test_every_sparse_layer_keeps_one_active_weight(caplog):
+  params = {'a': {'kernel': jnp.ones((9, 5))}, 'b': {'kernel': jnp.ones((40, 50))}}
+  layers = plan.make_plan(params, 0.99, 'uniform', [('a', 'kernel'), ('b', 'kernel')])
+  assert [(x.active, x.floored) for x in layers] == [(1, True), (20, False)]  # round(0.45) = 0
+  assert 'raised to one active block' in plan.describe(layers) and 'a/kernel' in plan.describe(
+    layers
+  )
+  assert 'raised' not in plan.describe(layers[1:])
+  c = make_config('gmp', 0.99)
+  with caplog.at_level('INFO'):
+    rule = sparsity.make_rule(c, params, [('a', 'kernel'), ('b', 'kernel')])
+  assert 'a/kernel (s=0.99, n=45)' in caplog.text
+  sstate, p = jax.jit(rule.init)(params, jax.random.PRNGKey(0))
+  update, opt = jax.jit(rule.update), optax.sgd(0.1).init(p)
+  for step in range(c.total_steps):
+    sstate, p, opt = update(sstate, p, jax.tree.map(jnp.cos, p), opt, step)
+  assert int(np.asarray(sstate['masks']['a']['kernel']).sum()) == 1
+
+
 def test_overrides_set_layer_sparsity():
   params = {'a': {'kernel': jnp.ones((10, 10))}, 'b': {'kernel': jnp.ones((10, 10))}}
   layers = plan.make_plan(params, 0.5, 'uniform', [('a', 'kernel')], 'b/*=0.9, a/kernel=0.2')

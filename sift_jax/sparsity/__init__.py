@@ -18,11 +18,12 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from sift_jax.registry import DISTRIBUTIONS, RULES
 from sift_jax.sparsity import rules
 from sift_jax.sparsity.export import export_sparse, load_sparse
-from sift_jax.sparsity.plan import check_level, make_plan, path_of
+from sift_jax.sparsity.plan import check_level, describe, make_plan, path_of
 from sift_jax.sparsity.rules import Rule
 
 __all__ = [
@@ -73,6 +74,9 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
       float(s.power_scale),
       tuple(int(b) for b in s.block_shape),
     )
+  if layers:
+    line = describe(layers)
+    (logging.warning if any(layer.floored for layer in layers) else logging.info)(line)
   rule = cls(config, params_shapes, layers)
   if rule.updates_masks and rule.layers and not rule.schedule.steps():
     # Not an error: the run still holds its exact sparsity, as a static one (GMP, which would

@@ -82,6 +82,7 @@ class Layer:
   block: tuple[int, int]
   sparsity: float
   active_blocks: int
+  floored: bool = False  # round((1 - s) n) was 0: raised to the floor of one active block
 
   @property
   def size(self) -> int:
@@ -207,5 +208,25 @@ def make_plan(
       continue
     select.check_block(shapes[i], block, names[i])
     nb = select.num_blocks(shapes[i], block)
-    layers.append(Layer(i, names[i], shapes[i], block, levels[i], exact_count(1 - levels[i], nb)))
+    count = exact_count(1 - levels[i], nb)
+    # A sparse layer with nothing active would cut the network: keep one block.
+    layers.append(
+      Layer(i, names[i], shapes[i], block, levels[i], max(count, 1), floored=count == 0)
+    )
   return layers
+
+
+def describe(layers: Sequence[Layer]) -> str:
+  """The plan in one line: sparse layers, active weights, and any layer raised to the floor."""
+  total = sum(layer.size for layer in layers)
+  active = sum(layer.active for layer in layers)
+  line = (
+    f'sparsity plan: {len(layers)} sparse layers, {active:,} of {total:,} weights active '
+    f'(density {active / max(total, 1):.6g})'
+  )
+  floored = [layer for layer in layers if layer.floored]
+  if floored:
+    line += '; raised to one active block (round((1 - s) n) was 0): ' + ', '.join(
+      f'{layer.name} (s={layer.sparsity:g}, n={layer.blocks})' for layer in floored
+    )
+  return line
