@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from sift_jax import models
+from sift_jax import models, sparsity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,32 +113,18 @@ def count_forward_flops(
   )
 
 
-SPARSE_RULES = ('static', 'set', 'gse', 'gmp', 'topkast')
-
-
 def training_flops_per_example(
-  rule: str,
-  forward: float,
-  forward_dense: float,
-  update_every_steps: int = 100,
-  updating: bool = True,
+  rule: Any, report: FlopReport, densities: Mapping[tuple[str, ...], float], step: int
 ) -> float:
-  """Training FLOPs per example (SPEC.md section 1): forward + backward = 3 forward passes.
+  """Training FLOPs per example at `step` (SPEC.md section 1), as the sparsity rule accounts them.
 
-  dense: 3 f_D; the sparse rules: 3 f_S with f_S the forward FLOPs at the forward set's density
-  (Top-KAST: set A); RigL while it updates masks (`updating`): (3 f_S dT + 2 f_S + f_D) / (dT + 1),
-  the dense gradient of one step in dT + 1; after its last update 3 f_S.
+  Each rule states its own accounting (`Rule.training_flops`, sift_jax.sparsity.rules): dense
+  3 f_D; static, SET, GSE and GMP 3 f_S with f_S the forward FLOPs at the masks' current
+  density; RigL (3 f_S dT + 2 f_S + f_D) / (dT + 1) while it updates masks, then 3 f_S; Top-KAST
+  2 f_A + f_B (forward and input gradients on set A, weight gradients on set B). `densities`
+  maps sparse kernel paths to their forward density.
   """
-  if rule == 'dense':
-    return 3.0 * forward_dense
-  if rule in SPARSE_RULES or (rule == 'rigl' and not updating):
-    return 3.0 * forward
-  if rule == 'rigl':
-    if update_every_steps < 1:
-      raise ValueError(f'update_every_steps must be >= 1, got {update_every_steps}')
-    dt = update_every_steps
-    return (3.0 * forward * dt + 2.0 * forward + forward_dense) / (dt + 1)
-  raise ValueError(f'unknown sparsity rule {rule!r}; known: dense, rigl, {", ".join(SPARSE_RULES)}')
+  return rule.training_flops(report, densities, step)
 
 
 def uniform_densities(
@@ -195,9 +181,10 @@ def _main(argv: list[str]) -> None:
       f'forward {r.forward / r.dense_forward:.4f}x, '
       f'transformed layers {r.transformed / r.dense_transformed:.4f}x'
     )
-  train = training_flops_per_example(
-    config.sparsity.rule, report.forward, report.forward_dense, config.sparsity.update_every_steps
-  )
+  variables = models.abstract_variables(model, config, meta)
+  rule = sparsity.make_rule(config, variables['params'], models.sparse_kernel_paths(variables))
+  densities = uniform_densities(model, config, meta, level)
+  train = training_flops_per_example(rule, report, densities, step=0)
   print(f'training GFLOPs per example ({config.sparsity.rule}): {train / 1e9:.4f}')
 
 

@@ -487,14 +487,7 @@ def throughput(exp: Experiment, step_time_s: float) -> dict[str, float]:
 
 def train_flops(exp: Experiment, densities, step: int) -> float:
   """Training FLOPs per example at step `step` and the given per-layer densities."""
-  c = exp.config.sparsity
-  return flops.training_flops_per_example(
-    c.rule,
-    exp.flop_report.at_densities(densities),
-    exp.flop_report.forward_dense,
-    c.update_every_steps,
-    updating=step < c.end_fraction * exp.config.total_steps,
-  )
+  return flops.training_flops_per_example(exp.rule, exp.flop_report, densities, step)
 
 
 def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:

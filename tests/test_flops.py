@@ -147,18 +147,39 @@ def test_bad_densities_raise():
     flops.count_forward_flops(model, c, meta, {('hidden_0', 'kernel'): 1.5})
 
 
-def test_training_flops_per_example():
-  f_s, f_d = 30.0, 100.0
-  assert flops.training_flops_per_example('dense', f_d, f_d) == 300.0
-  assert flops.training_flops_per_example('static', f_s, f_d) == 90.0
-  assert flops.training_flops_per_example('set', f_s, f_d, 7) == 90.0
-  rigl = flops.training_flops_per_example('rigl', f_s, f_d, update_every_steps=4)
-  assert rigl == pytest.approx((3 * 30 * 4 + 2 * 30 + 100) / 5)
-  assert flops.training_flops_per_example('rigl', f_s, f_d, 4, updating=False) == 90.0
-  with pytest.raises(ValueError, match="unknown sparsity rule 'prune'"):
-    flops.training_flops_per_example('prune', f_s, f_d)
-  with pytest.raises(ValueError, match='update_every_steps'):
-    flops.training_flops_per_example('rigl', f_s, f_d, 0)
+@pytest.mark.parametrize(
+  ('rule', 'step', 'expect'),
+  [
+    ('dense', 0, 3 * 120),
+    ('static', 0, 3 * 50),
+    ('set', 0, 3 * 50),
+    ('gmp', 0, 3 * 50),
+    ('rigl', 0, (3 * 50 * 4 + 2 * 50 + 120) / 5),  # updating: one dense gradient in dT + 1
+    ('rigl', 36, (3 * 50 * 4 + 2 * 50 + 120) / 5),  # the last update step
+    ('rigl', 37, 3 * 50),
+    ('topkast', 0, 2 * 50 + (60 + 20)),  # f_A forward and input grads, f_B weight grads
+  ],
+)
+def test_training_flops_per_example(rule, step, expect):
+  from sift_jax import sparsity
+
+  params = {
+    'a': {'kernel': jax.ShapeDtypeStruct((10, 10), 'float32')},
+    'head': {'kernel': jax.ShapeDtypeStruct((10, 2), 'float32')},
+  }
+  c = config_lib.base_config()
+  c.total_steps = 50  # updates every 4 steps before step 38: the last at 36
+  c.sparsity.update(rule=rule, level=0.0 if rule == 'dense' else 0.7, update_every_steps=4)
+  c.sparsity.topkast_every_steps = 4
+  c.sparsity.backward_level = 0.4 if rule == 'topkast' else 0.0
+  layers = {
+    'a/kernel': flops.LayerFlops(100.0, 100.0, 1.0),
+    'head/kernel': flops.LayerFlops(20.0, 20.0, 1.0),
+  }
+  report = flops.FlopReport(layers, forward=120.0, forward_dense=120.0)
+  r = sparsity.make_rule(c, params, [('a', 'kernel')])
+  got = flops.training_flops_per_example(r, report, {('a', 'kernel'): 0.3}, step)
+  assert got == pytest.approx(expect)
 
 
 def test_cli_prints_per_layer_table(tmp_path):

@@ -407,6 +407,40 @@ def test_topkast_sets_and_untouched_weights():
   np.testing.assert_allclose(pen, 1e-4 * ref, rtol=1e-5)
 
 
+def test_topkast_zeroes_optimizer_state_entering_b():
+  # Coupled weight decay feeds every position's momentum, also outside B.
+  tx = optax.chain(optax.add_decayed_weights(0.05), optax.sgd(0.1, momentum=0.9))
+  h = Harness('topkast', widths=(19, 5), d_in=11, level=0.8, tx=tx)
+  entered, prev_b = 0, None
+  for step, sstate, _, opt_state in h.run(12):
+    if step and h.rule.schedule.is_update(step - 1):  # sstate, opt_state: right after an update
+      new_b = h.layer(sstate['backward'], 'fc0') & ~h.layer(prev_b, 'fc0')
+      entered += int(new_b.sum())
+      for leaf in moments(opt_state, 'fc0'):
+        assert np.all(leaf[new_b] == 0), step
+    prev_b = sstate['backward']
+  assert entered > 0
+
+
+def test_topkast_erk_backward_density_meets_its_target():
+  params = {
+    'a': {'kernel': jnp.ones((20, 30))},
+    'b': {'kernel': jnp.ones((60, 80))},
+    'c': {'kernel': jnp.ones((200, 150))},
+  }
+  c = make_config('topkast', 0.9, distribution='erk', backward_level=0.5)
+  rule = sparsity.make_rule(c, params, [(k, 'kernel') for k in params])
+  sizes = [layer.size for layer in rule.layers]
+  assert rule.layers[0].active < sizes[0] == rule.backward_blocks[0]  # B capped at 1 there
+  # The others take up the rest (the old per-layer scaling fell short: 0.468 of 0.5).
+  np.testing.assert_allclose(sum(rule.backward_blocks), 0.5 * sum(sizes), atol=len(sizes))
+  assert all(b >= layer.active for b, layer in zip(rule.backward_blocks, rule.layers, strict=True))
+  # ... in ERK's own proportions, as ERK at the backward level would give them.
+  ref = plan.erk([(20, 30), (60, 80), (200, 150)], 0.5, 1.0)
+  expect = [plan.exact_count(1 - r, n) for r, n in zip(ref, sizes, strict=True)]
+  assert rule.backward_blocks == expect
+
+
 def test_gse_sampled_grads_and_grow_prune(monkeypatch):
   x = jax.random.normal(jax.random.PRNGKey(0), (37, 11))
   gy = jax.random.normal(jax.random.PRNGKey(1), (37, 7))

@@ -117,21 +117,28 @@ def erk(shapes: Sequence[tuple[int, ...]], sparsity: float, power_scale: float) 
   """Erdos-Renyi-Kernel: density_l = eps * (sum(shape_l) / prod(shape_l)) ** power_scale.
 
   eps is solved so the active total is (1 - s) * sum(n_l); a layer whose density would exceed 1
-  is made dense and eps is solved again over the others.
+  is made dense and eps is solved again over the others (`fill_densities`).
   """
   sizes = np.array([np.prod(s) for s in shapes], dtype=np.float64)
   raw = np.array([(np.sum(s) / np.prod(s)) ** power_scale for s in shapes])
-  dense = np.zeros(len(shapes), bool)
-  budget = (1.0 - sparsity) * sizes.sum()
+  return [float(1.0 - d) for d in fill_densities(raw, sizes, (1.0 - sparsity) * sizes.sum())]
+
+
+def fill_densities(weights: np.ndarray, sizes: np.ndarray, budget: float) -> np.ndarray:
+  """Densities min(1, eps * weights_l) with eps solved so sum(density_l * sizes_l) = budget.
+
+  A layer that would exceed 1 is made dense and eps is solved again over the others.
+  """
+  weights, sizes = np.asarray(weights, np.float64), np.asarray(sizes, np.float64)
+  dense = np.zeros(len(sizes), bool)
   while True:
     rest = budget - sizes[dense].sum()
-    eps = rest / np.sum(raw[~dense] * sizes[~dense]) if (~dense).any() else 0.0
-    over = ~dense & (eps * raw > 1.0)
+    eps = rest / np.sum(weights[~dense] * sizes[~dense]) if (~dense).any() else 0.0
+    over = ~dense & (eps * weights > 1.0)
     if not over.any():
       break
     dense |= over
-  density = np.where(dense, 1.0, eps * raw)
-  return [float(1.0 - d) for d in density]
+  return np.where(dense, 1.0, eps * weights)
 
 
 def parse_overrides(text: str) -> list[tuple[str, float]]:

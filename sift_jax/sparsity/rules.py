@@ -15,7 +15,8 @@ everything that changes lives in `sstate`, a dict of arrays checkpointed with th
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,18 @@ import optax
 
 from sift_jax.registry import RULES
 from sift_jax.sparsity import gse, select
-from sift_jax.sparsity.plan import Layer, check_level, exact_count, path_of
+from sift_jax.sparsity.plan import Layer, check_level, exact_count, fill_densities, path_of
 from sift_jax.sparsity.schedules import DropSchedule, UpdateSchedule, cubic_counts, end_step
+
+Densities = Mapping[tuple[str, ...], float]
+
+
+class FlopCounts(Protocol):
+  """What a rule's training-FLOP accounting reads of a model's FLOP report (sift_jax.flops)."""
+
+  forward_dense: float
+
+  def at_densities(self, densities: Densities) -> float: ...
 
 
 def _is_none(x: Any) -> bool:
@@ -207,7 +218,16 @@ class Rule:
     masks = self._per_layer(new['masks'])
     left = sum(_count(o & ~m) for o, m in zip(old_masks, masks, strict=True))
     before = sum(_count(o) for o in old_masks)
-    grown = [m & ~o for o, m in zip(old_masks, masks, strict=True)]
+    # Positions entering the trained set start with zero optimizer state (RigL's regrown
+    # weights; Top-KAST's new members of B), so nothing accumulated outside it leaks in.
+    entered = [
+      n & ~o
+      for o, n in zip(
+        self._per_layer(self.trained_set(sstate)),
+        self._per_layer(self.trained_set(new)),
+        strict=True,
+      )
+    ]
     sstate = {
       **sstate,
       **new,
@@ -217,19 +237,19 @@ class Rule:
       'churn': left / jnp.maximum(before, 1).astype(jnp.float32),
       'updates': sstate['updates'] + 1,
     }
-    return sstate, self.commit_params(sstate, params), self.zero_opt_state(opt_state, grown)
+    return sstate, self.commit_params(sstate, params), self.zero_opt_state(opt_state, entered)
 
   def commit_params(self, sstate: dict[str, Any], params: Any) -> Any:
     """Dropped and regrown weights are 0 (regrown ones start at 0)."""
     return self.forward_params(sstate, params)
 
-  def zero_opt_state(self, opt_state: Any, grown: list[jax.Array]) -> Any:
-    """Zeroes every optimizer-state leaf of a sparse weight at the newly grown positions."""
+  def zero_opt_state(self, opt_state: Any, entered: list[jax.Array]) -> Any:
+    """Zeroes every optimizer-state leaf of a sparse weight at the positions in `entered`."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
     out = []
     for kp, leaf in flat:
       i = self._match(path_of(kp), tuple(getattr(leaf, 'shape', ())))
-      out.append(leaf if i is None else jnp.where(grown[i], jnp.zeros_like(leaf), leaf))
+      out.append(leaf if i is None else jnp.where(entered[i], jnp.zeros_like(leaf), leaf))
     return jax.tree.unflatten(treedef, out)
 
   def _match(self, path: tuple[str, ...], shape: tuple[int, ...]) -> int | None:
@@ -257,6 +277,22 @@ class Rule:
       )
     return by_index[same[0]]
 
+  def training_flops(self, report: FlopCounts, densities: Densities, step: int) -> float:
+    """Training FLOPs per example at `step` with the forward masks at `densities` (SPEC.md
+    section 1): forward, input gradients and weight gradients each cost the forward FLOPs at
+    the masks' density, 3 f_S. A rule whose step or update costs otherwise overrides this.
+
+    `report` is a `sift_jax.flops.FlopReport` of the model (its `at_densities` and
+    `forward_dense`); `densities` maps sparse kernel paths to their current density.
+    """
+    del step
+    return 3.0 * report.at_densities(densities)
+
+  def updating(self, step: int) -> bool:
+    """Whether mask updates remain at or after `step`."""
+    steps = self.schedule.steps()
+    return bool(steps) and step <= steps[-1]
+
   def metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
     """Global and per-layer density of the forward masks, churn and in-time over-parameterisation."""
     if not self.layers:
@@ -279,6 +315,11 @@ class Dense(Rule):
   """No masks at all (the plan is empty)."""
 
   updates_masks = False
+
+  def training_flops(self, report: FlopCounts, densities: Densities, step: int) -> float:
+    """3 f_D."""
+    del densities, step
+    return 3.0 * report.forward_dense
 
 
 @RULES.register('static')
@@ -325,6 +366,15 @@ class SET(_DropGrow):
 class RigL(_DropGrow):
   """RigL: regrow where |dL/dw| of the full masked weight on the current batch is largest."""
 
+  def training_flops(self, report: FlopCounts, densities: Densities, step: int) -> float:
+    """While updating, (3 f_S dT + 2 f_S + f_D) / (dT + 1): one step in dT + 1 computes the
+    dense weight gradient it grows from; afterwards 3 f_S."""
+    f_s = report.at_densities(densities)
+    if not self.updating(step):
+      return 3.0 * f_s
+    dt = self.schedule.every
+    return (3.0 * f_s * dt + 2.0 * f_s + report.forward_dense) / (dt + 1)
+
   def grow_scores(self, layer, g, key, candidates, n):
     del key
     return _topk(g, n, layer, valid=candidates)
@@ -354,13 +404,15 @@ class TopKAST(Rule):
         f'sparsity.backward_level={back} is above sparsity.level={s.level}: '
         'Top-KAST needs the backward set to contain the forward set'
       )
-    scale = (1.0 - back) / (1.0 - float(s.level))
+    # B's densities scale A's and are redistributed as ERK does where a layer would pass 1, so
+    # the global backward density meets 1 - backward_level (uniform stays uniform, ERK is ERK).
+    sizes = np.array([layer.size for layer in layers], np.float64)
+    dens = fill_densities(
+      np.array([1.0 - layer.sparsity for layer in layers]), sizes, (1.0 - back) * sizes.sum()
+    )
     self.backward_blocks = [
-      max(
-        layer.active_blocks,
-        min(layer.blocks, exact_count(scale * (1 - layer.sparsity), layer.blocks)),
-      )
-      for layer in layers
+      max(layer.active_blocks, min(layer.blocks, exact_count(d, layer.blocks)))
+      for layer, d in zip(layers, dens, strict=True)
     ]
 
   def _sets(self, params):
@@ -412,11 +464,20 @@ class TopKAST(Rule):
   def new_masks(self, sstate, params, g_fwd, step, key, aux):
     return self._sets(params)
 
+  def backward_densities(self) -> dict[tuple[str, ...], float]:
+    """Each sparse kernel's density of the backward set B (static: B's counts are fixed)."""
+    return {
+      tuple(layer.name.split('/')): k * layer.block_size / layer.size
+      for layer, k in zip(self.layers, self.backward_blocks, strict=True)
+    }
+
+  def training_flops(self, report: FlopCounts, densities: Densities, step: int) -> float:
+    """f_A forward + f_A input gradients + f_B weight gradients (B is trained, A runs)."""
+    del step
+    return 2.0 * report.at_densities(densities) + report.at_densities(self.backward_densities())
+
   def commit_params(self, sstate, params):
     return params
-
-  def zero_opt_state(self, opt_state, grown):
-    return opt_state
 
   def metrics(self, sstate):
     out = super().metrics(sstate)
