@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -30,25 +30,17 @@ __all__ = [
   'example_input',
   'gpt_preset',
   'model_config',
+  'register_model',
+  'resolved',
   'sparse_kernel_paths',
 ]
 
 COMMON_DEFAULTS: dict[str, Any] = {'remat': False, 'dtype': 'float32'}
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-  'gpt': {
-    'num_layers': 12,
-    'd_model': 768,
-    'num_heads': 12,
-    'd_ff': 0,  # 0 = 4 * d_model
-    'context_length': 1024,
-    'dropout': 0.1,
-    'init_std': 0.02,
-  },
-  'resnet': {'depth': 18, 'stem': 'cifar', 'width': 64},
-  'mlp': {'hidden': (256, 256)},
-}
+# Each model's own config.model keys and defaults, filled by `register_model`.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TEXT_MODELS = ('gpt',)
+ModelBuilder = Callable[[ml_collections.ConfigDict, Mapping[str, Any]], nn.Module]
 
 GPT_PRESETS: dict[str, dict[str, int]] = {
   # GPT-3 Small (Brown et al. 2020, table 2.1); 124-126M parameters with the 50257 BPE vocabulary.
@@ -84,26 +76,48 @@ def gpt_preset(name: str) -> dict[str, int]:
   return dict(GPT_PRESETS[name])
 
 
+def register_model(
+  name: str, defaults: Mapping[str, Any] | None = None
+) -> Callable[[ModelBuilder], ModelBuilder]:
+  """Registers `build(config, meta) -> nn.Module` as model `name` with its `config.model` keys.
+
+  `defaults` are the model's own keys and default values (beside `remat` and `dtype`); the
+  builder reads the resolved group with `resolved(config)`.
+  """
+
+  def add(build: ModelBuilder) -> ModelBuilder:
+    MODELS.register(name)(build)
+    MODEL_DEFAULTS[name] = dict(defaults or {})
+    return build
+
+  return add
+
+
+def _defaults(name: str) -> dict[str, Any]:
+  """The model's own keys and defaults; an unknown name raises the registry's error."""
+  MODELS.get(name)
+  return {**COMMON_DEFAULTS, **MODEL_DEFAULTS.get(name, {})}
+
+
 def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   """A complete `config.model` group for model `name`: defaults, then `overrides`."""
-  MODELS.get(name)
-  group = ml_collections.ConfigDict({'name': name, **COMMON_DEFAULTS, **MODEL_DEFAULTS[name]})
+  group = ml_collections.ConfigDict({'name': name, **_defaults(name)})
   group.update(overrides)
   return group
 
 
-def _resolved(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def resolved(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """config.model over its defaults; an unknown key or a bad value raises ValueError."""
   name = config.model.name
-  MODELS.get(name)
-  allowed = {'name', *COMMON_DEFAULTS, *MODEL_DEFAULTS[name]}
+  defaults = _defaults(name)
+  allowed = {'name', *defaults}
   given = dict(config.model)
   unknown = sorted(set(given) - allowed)
   if unknown:
     raise ValueError(
       f'unknown model key(s) {unknown} for model {name!r}; allowed: {", ".join(sorted(allowed))}'
     )
-  m = {**COMMON_DEFAULTS, **MODEL_DEFAULTS[name], **given}
+  m = {**defaults, **given}
   if m['dtype'] not in DTYPES:
     raise ValueError(f'model.dtype {m["dtype"]!r}; allowed: {", ".join(DTYPES)}')
   return m
@@ -121,9 +135,20 @@ def _positive(name: str, value: Any) -> int:
   return int(value)
 
 
-@MODELS.register('gpt')
+@register_model(
+  'gpt',
+  {
+    'num_layers': 12,
+    'd_model': 768,
+    'num_heads': 12,
+    'd_ff': 0,  # 0 = 4 * d_model
+    'context_length': 1024,
+    'dropout': 0.1,
+    'init_std': 0.02,
+  },
+)
 def _build_gpt(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn.Module:
-  m = _resolved(config)
+  m = resolved(config)
   _require_meta(meta, ('vocab_size', 'seq_len'), 'gpt')
   heads = _positive('model.num_heads', m['num_heads'])
   base_d = _positive('model.d_model', m['d_model'])
@@ -154,9 +179,9 @@ def _build_gpt(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn
   )
 
 
-@MODELS.register('resnet')
+@register_model('resnet', {'depth': 18, 'stem': 'cifar', 'width': 64})
 def _build_resnet(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn.Module:
-  m = _resolved(config)
+  m = resolved(config)
   _require_meta(meta, ('num_classes', 'image_shape'), 'resnet')
   if m['depth'] not in STAGE_BLOCKS:
     raise ValueError(f'model.depth {m["depth"]!r}; allowed: {", ".join(map(str, STAGE_BLOCKS))}')
@@ -174,9 +199,9 @@ def _build_resnet(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) ->
   )
 
 
-@MODELS.register('mlp')
+@register_model('mlp', {'hidden': (256, 256)})
 def _build_mlp(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn.Module:
-  m = _resolved(config)
+  m = resolved(config)
   _require_meta(meta, ('num_classes', 'image_shape'), 'mlp')
   hidden = tuple(
     layers.scale_width(config, _positive('model.hidden entry', w)) for w in m['hidden']
