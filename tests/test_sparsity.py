@@ -591,6 +591,62 @@ def test_block_masks_keep_blocks_whole():
     assert np.all(blocks.all(1) | ~blocks.any(1)) and m.sum() == 4 * 6
 
 
+# ----- the one-call wrapper
+
+
+@pytest.mark.parametrize('rule_name', ['rigl', 'topkast'])
+def test_wrap_optax_trains_at_exact_density(rule_name):
+  model = MLP((32, 32, 4))
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 12))
+  y = jnp.arange(64) % 4
+  params = model.init(jax.random.PRNGKey(1), x)['params']
+  extra = {'backward_level': 0.5, 'topkast_every_steps': 5} if rule_name == 'topkast' else {}
+  tx = sparsity.wrap_optax(
+    optax.sgd(0.1, momentum=0.9),
+    params,
+    level=0.9,
+    rule=rule_name,
+    total_steps=40,
+    update_every_steps=5,
+    **extra,
+  )
+  opt_state = tx.init(params)
+
+  def loss_fn(p):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({'params': p}, x), y).mean()
+
+  @jax.jit
+  def step(params, opt_state):
+    fwd = sparsity.masked_params(opt_state, params)
+    loss, grads = jax.value_and_grad(loss_fn)(fwd)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  losses, masks = [], []
+  for _ in range(40):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+    masks.append(np.asarray(opt_state.sparsity['masks']['fc1']['kernel']))
+  assert losses[-1] < 0.5 * losses[0]
+  assert all(m.sum() == round(0.1 * 32 * 32) for m in masks)  # only fc1: first and last dense
+  assert opt_state.sparsity['masks']['fc0']['kernel'] is None
+  assert any(
+    not np.array_equal(a, b) for a, b in zip(masks, masks[1:], strict=False)
+  )  # masks moved
+  fwd = sparsity.masked_params(opt_state, params)
+  assert np.all(np.asarray(fwd['fc1']['kernel'])[~masks[-1]] == 0)
+  if rule_name == 'rigl':  # inactive weights are exactly zero in the params themselves
+    assert np.all(np.asarray(params['fc1']['kernel'])[~masks[-1]] == 0)
+
+
+def test_wrap_optax_bad_input():
+  params = {'a': {'kernel': jnp.ones((8, 8))}}
+  with pytest.raises(ValueError, match=r"unknown sparsity option\(s\) \['update_every'\]"):
+    sparsity.wrap_optax(optax.sgd(0.1), params, level=0.5, total_steps=9, update_every=3)
+  with pytest.raises(ValueError, match='use make_rule'):
+    sparsity.wrap_optax(optax.sgd(0.1), params, level=0.5, total_steps=9, rule='gse')
+
+
 # ----- optimizer state, other trees, resume, sharding, export
 
 

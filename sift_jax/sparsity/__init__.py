@@ -7,6 +7,11 @@
     updates = rule.mask_updates(sstate, optimizer_updates)
     sstate, params, opt_state = rule.update(sstate, params, g_fwd, opt_state, step, None, aux)
 
+Or in one call, around any optax optimizer (`wrapper.py`):
+
+    tx = wrap_optax(optax.adam(1e-3), params, level=0.9, rule='rigl', total_steps=1000)
+    fwd = masked_params(opt_state, params)
+
 Rules are registered by name in `registry.RULES` (dense, static, set, rigl, topkast, gse, gmp);
 distributions in `registry.DISTRIBUTIONS` (uniform, erk).
 """
@@ -25,6 +30,7 @@ from sift_jax.sparsity import rules
 from sift_jax.sparsity.export import export_sparse, load_sparse
 from sift_jax.sparsity.plan import check_level, describe, make_plan, path_of
 from sift_jax.sparsity.rules import Rule
+from sift_jax.sparsity.wrapper import masked_params, wrap_optax
 
 __all__ = [
   'Rule',
@@ -33,8 +39,10 @@ __all__ = [
   'layer_densities_from_metrics',
   'load_sparse',
   'make_rule',
+  'masked_params',
   'masks_of',
   'rules',
+  'wrap_optax',
 ]
 
 _DENSITY_PREFIX = 'sparsity/density/'
