@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sift_jax import config_lib, sparsity
-from sift_jax.sparsity import gse, plan, select
+from sift_jax.sparsity import gse, plan, schedules, select
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
@@ -339,6 +340,20 @@ def moments(opt_state, name):
   out = [np.asarray(x) for kp, x in flat if plan.path_of(kp)[-2:] == (name, 'kernel')]
   assert out
   return out
+
+
+@pytest.mark.parametrize('kind', ['constant', 'cosine', 'exponential'])
+def test_drop_schedules_are_spec_formulas(kind):
+  steps = np.arange(0, 130, 7)
+  t = np.minimum(steps / 90, 1.0)  # held at its T_end value afterwards
+  ref = {
+    'constant': np.full(t.shape, 0.3),
+    'cosine': 0.3 * 0.5 * (1 + np.cos(np.pi * t)),
+    'exponential': 0.3 * 0.1**t,
+  }[kind]
+  got = schedules.DropSchedule(kind, 0.3, 90, 0.1)(jnp.asarray(steps))
+  chex.assert_shape(got, steps.shape)
+  chex.assert_trees_all_close(got, ref.astype(np.float32), rtol=1e-6, atol=1e-7)
 
 
 def test_update_schedule_and_nonfinite_skip():
@@ -702,10 +717,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   h.sstate, h.params, h.opt_state = back['s'], back['p'], back['o']
   for _ in h.run(3, start=5):
     pass
-  for a, b in zip(
-    jax.tree.leaves(full), jax.tree.leaves((h.sstate, h.params, h.opt_state)), strict=True
-  ):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(full, (h.sstate, h.params, h.opt_state))
 
 
 SHARDED = textwrap.dedent(

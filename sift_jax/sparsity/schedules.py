@@ -85,7 +85,8 @@ class DropSchedule:
     return optax.constant_schedule(self.f0)
 
   def __call__(self, step: jax.Array) -> jax.Array:
-    return jnp.asarray(self.schedule()(step), jnp.float32)
+    value = jnp.asarray(self.schedule()(step), jnp.float32)
+    return jnp.broadcast_to(value, jnp.shape(step))  # optax's constant ignores the step
 
 
 def cubic_counts(
