@@ -29,3 +29,23 @@ def test_the_sparse_training_example_runs():
   exec(compile(code, 'README.md', 'exec'), scope)
   assert abs(float(scope['density']) - 6554 / 65536) < 1e-7
   assert float(scope['rule'].metrics(scope['sstate'])['sparsity/churn']) > 0
+
+
+def run_block(section: str, index: int) -> dict:
+  """Runs the index-th python block of a README section; returns its globals."""
+  text = readme().split(f'## {section}', 1)[1].split('\n## ', 1)[0]
+  code = re.findall(r'```python\n(.*?)```', text, re.S)[index]
+  scope: dict = {}
+  exec(compile(code, 'README.md', 'exec'), scope)
+  return scope
+
+
+def test_the_wrap_optax_example_runs():
+  scope = run_block('Sparse training', 1)
+  assert scope['active'] == round(0.1 * 32 * 32)
+  assert scope['losses'][-1] < 0.9 * scope['losses'][0]
+
+
+def test_the_extending_example_runs():
+  scope = run_block('Extending', 0)
+  assert scope['group'].width == 32 and scope['group'].name == 'two_layer'
