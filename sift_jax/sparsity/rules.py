@@ -10,6 +10,9 @@ everything that changes lives in `sstate`, a dict of arrays checkpointed with th
   key     uint32 key data; update randomness is this key folded with the step
   updates number of mask updates done
   backward  Top-KAST only: set B, the same shape as masks
+
+A new rule subclasses `Rule`, implements `new_masks` and registers itself in `registry.RULES`;
+each rule also states its training FLOPs per example (`training_flops`, SPEC.md section 1).
 """
 
 from __future__ import annotations
