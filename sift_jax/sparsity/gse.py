@@ -46,6 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.linear import canonicalize_padding
 
+from sift_jax.registry import DISTRIBUTIONS
+from sift_jax.sparsity import plan
+
 INPUTS = 'gse_inputs'  # sown into the 'intermediates' collection
 OUTPUTS = 'gse_outputs'  # perturbation name in the 'perturbations' collection
 _CHUNK = 2**21  # gathered elements per operand and chunk: bounds sampled_grads' memory
@@ -60,6 +63,21 @@ class ConvGeometry:
   dilation: tuple[int, ...]
   pads: tuple[tuple[int, int], ...]  # (low, high) per spatial axis; negative crops
   mode: str = 'constant'  # jnp.pad mode: constant (zeros), wrap, reflect
+
+
+@DISTRIBUTIONS.register('er')
+def erdos_renyi(
+  shapes: Sequence[tuple[int, ...]], sparsity: float, power_scale: float
+) -> list[float]:
+  """Erdos-Renyi over each kernel's (fan_in, fan_out) matrix view: the GSE code's distribution.
+
+  density ~ (fan_in + fan_out) / (fan_in * fan_out), fan_in = prod(shape[:-1]) (kh * kw * C_in
+  for a conv); `erk` instead uses sum(shape) / prod(shape) of the whole kernel shape, which
+  gives a conv (kh + kw + C_in + C_out) / (kh kw C_in C_out). Layers over density 1 are dense,
+  as in `erk`.
+  """
+  views = [(int(np.prod(s[:-1])), int(s[-1])) for s in shapes]
+  return plan.erk(views, sparsity, power_scale)
 
 
 def _module_path(kernel_path: Sequence[str]) -> tuple[str, ...]:
