@@ -81,4 +81,6 @@ def get_config(arg: str | None = None):
     c.optim.warmup_steps = 20
     c.sparsity.update_every_steps = 50
   config_lib.apply_short_forms(c, args)
+  if c.sift.name != 'dense':
+    c.sparsity.distribution = 'uniform'  # a Sparse-IFT member is iso-FLOP under uniform only
   return c

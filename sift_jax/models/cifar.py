@@ -30,7 +30,7 @@ import ml_collections
 from sift_jax.models import layers
 from sift_jax.models.resnet import _norm
 
-RESNET_DEPTHS = {20: 3, 32: 5, 44: 7, 56: 9, 110: 18}  # depth -> blocks per stage (6n + 2)
+RESNET_DEPTHS = {6 * n + 2: n for n in range(1, 19)}  # depth 6n + 2 -> n blocks per stage
 VGG_STAGES = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 KERNEL_INITS = {
   # He et al.: N(0, 2 / fan_in) (PyTorch's kaiming_normal_, as in the GSE code's ResNets).
