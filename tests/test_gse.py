@@ -3,6 +3,7 @@ and configs, and a trainer run."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -149,10 +150,17 @@ class ConvHarness:
     return jax.jit(self.rule.update)(self.sstate, self.params, g, self.opt_state, step, None, aux)
 
 
+@functools.cache
+def harness() -> ConvHarness:
+  """One harness for the tests below (init compiled once). gamma * active >= inactive: every
+  inactive position is a candidate."""
+  return ConvHarness(gse_gamma=4.0)
+
+
 def test_gse_conv_grows_numpy_top_gradients():
-  """gamma * active >= inactive: every inactive position is a candidate, so GSE grows exactly
-  the top alpha * active |dL/dW| of jax.grad among them and prunes the smallest |w|."""
-  h = ConvHarness(gse_gamma=4.0)
+  """All inactive positions are candidates, so GSE grows exactly the top alpha * active
+  |dL/dW| of jax.grad among them and prunes the smallest |w| of the old active ones."""
+  h = harness()
   g, aux = h.grads()
   new, params, _ = h.update(g, aux)
   for name in ('c0', 'c1'):
@@ -188,7 +196,7 @@ def _walk(jaxpr, prims: set[str], sizes: list[int]) -> None:
 def test_gse_conv_update_forms_no_dense_gradient(monkeypatch):
   """No conv or matmul (a dense weight gradient) and no patches matrix in the GSE update."""
   monkeypatch.setattr(gse, '_CHUNK', 4 * 150)  # c1: N = 5 * 6 * 5 = 150 rows per sample
-  h = ConvHarness()
+  h = harness()
   g, aux = h.grads()
   closed = jax.make_jaxpr(lambda a: h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, a))(
     aux
@@ -203,11 +211,15 @@ def test_gse_conv_update_forms_no_dense_gradient(monkeypatch):
 
 
 def test_conv_geometry_is_required():
-  h = ConvHarness()
+  h = harness()
   g, aux = h.grads()
+  convs = dict(h.rule.convs)
   h.rule.convs.clear()  # as if the update were traced before any capture
-  with pytest.raises(ValueError, match='nn.Conv layers traced inside rule.capture'):
-    h.update(g, aux)
+  try:
+    with pytest.raises(ValueError, match='nn.Conv layers traced inside rule.capture'):
+      h.update(g, aux)
+  finally:
+    h.rule.convs.update(convs)
 
 
 # ----- the paper's models and configs
