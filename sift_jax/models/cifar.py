@@ -20,6 +20,7 @@ conv and linear layer).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +42,15 @@ KERNEL_INITS = {
 }
 
 
+def _conv_unit(
+  config: ml_collections.ConfigDict, kernel_init: layers.Initializer, train: bool, dtype: Any
+) -> Callable[..., nn.Module]:
+  """The factory's conv + BatchNorm unit with a network's init and dtype."""
+  return functools.partial(
+    layers.make_conv, config, kernel_init=kernel_init, norm=_norm(train, dtype), dtype=dtype
+  )
+
+
 class ShortcutBlock(nn.Module):
   """relu(bn(conv3x3(relu(bn(conv3x3(x))))) + shortcut(x)), option-A (parameter-free) shortcut."""
 
@@ -52,13 +62,7 @@ class ShortcutBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(
-      layers.make_conv,
-      self.config,
-      kernel_init=self.kernel_init,
-      norm=_norm(train, self.dtype),
-      dtype=self.dtype,
-    )
+    conv = _conv_unit(self.config, self.kernel_init, train, self.dtype)
     s = (self.strides, self.strides)
     h = nn.relu(conv(self.features, (3, 3), strides=s, name='conv1')(x))  # (B, H/s, W/s, F)
     h = conv(self.features, (3, 3), name='conv2')(h)
@@ -68,65 +72,62 @@ class ShortcutBlock(nn.Module):
     return nn.relu(h + x)
 
 
-class CifarResNet(nn.Module):
-  """float32 images (B, H, W, C) -> float32 logits (B, num_classes)."""
+class _CifarNet(nn.Module):
+  """The fields and layers both networks share; float32 images -> float32 logits."""
 
   config: ml_collections.ConfigDict
   num_classes: int
-  blocks: int  # basic blocks per stage
-  widths: tuple[int, int, int]
   kernel_init: layers.Initializer
   sparse_ends: bool
   dtype: Any
 
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = x.astype(self.dtype)
-    x = layers.make_conv(
+  def classify(self, x: jax.Array) -> jax.Array:
+    """The final linear layer (dense unless sparse_ends): (B, D) -> float32 (B, classes)."""
+    x = layers.make_dense(
       self.config,
-      self.widths[0],
-      (3, 3),
-      name='stem',
+      self.num_classes,
+      name='classifier',
       kernel_init=self.kernel_init,
-      norm=_norm(train, self.dtype),
       transform=False,
       sparse=self.sparse_ends,
       dtype=self.dtype,
     )(x)
-    x = nn.relu(x)  # (B, H, W, w)
+    return x.astype(jnp.float32)
+
+
+class CifarResNet(_CifarNet):
+  """float32 images (B, H, W, C) -> float32 logits (B, num_classes)."""
+
+  blocks: int = 9  # basic blocks per stage
+  widths: tuple[int, int, int] = (16, 32, 64)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    stem = _conv_unit(self.config, self.kernel_init, train, self.dtype)(
+      self.widths[0], (3, 3), name='stem', transform=False, sparse=self.sparse_ends
+    )
+    x = nn.relu(stem(x.astype(self.dtype)))  # (B, H, W, w)
     for stage, features in enumerate(self.widths):
       for i in range(self.blocks):
         strides = 2 if stage > 0 and i == 0 else 1
         x = ShortcutBlock(
           self.config, features, strides, self.kernel_init, self.dtype, name=f'layer{stage + 1}_{i}'
         )(x, train)
-    x = jnp.mean(x, axis=(1, 2))  # (B, 4w)
-    return _classifier(self, x)
+    return self.classify(jnp.mean(x, axis=(1, 2)))  # (B, 4w) -> (B, classes)
 
 
-class VGG(nn.Module):
+class VGG(_CifarNet):
   """float32 images (B, H, W, C) -> float32 logits (B, num_classes); H, W multiples of 32."""
 
-  config: ml_collections.ConfigDict
-  num_classes: int
-  stages: tuple[int, ...]  # convs per stage, each stage ending in a 2x2 max-pool
-  widths: tuple[int, ...]  # channels per stage
-  hidden: int  # width of the two hidden classifier layers
-  dropout: float
-  kernel_init: layers.Initializer
-  sparse_ends: bool
-  dtype: Any
+  stages: tuple[int, ...] = (2, 2, 3, 3, 3)  # convs per stage, each ending in a 2x2 max-pool
+  widths: tuple[int, ...] = (16, 32, 64, 128, 128)  # channels per stage
+  hidden: int = 512  # width of the two hidden classifier layers
+  dropout: float = 0.5
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = x.astype(self.dtype)
-    conv = functools.partial(
-      layers.make_conv,
-      self.config,
-      kernel_init=self.kernel_init,
-      norm=_norm(train, self.dtype),
-      dtype=self.dtype,
-    )
+    conv = _conv_unit(self.config, self.kernel_init, train, self.dtype)
     for stage, (convs, features) in enumerate(zip(self.stages, self.widths, strict=True)):
       for i in range(convs):
         first = stage == 0 and i == 0
@@ -145,18 +146,4 @@ class VGG(nn.Module):
         self.config, self.hidden, name=f'fc{i + 1}', kernel_init=self.kernel_init, dtype=self.dtype
       )(x)
       x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(x))  # (B, hidden)
-    return _classifier(self, x)
-
-
-def _classifier(model: CifarResNet | VGG, x: jax.Array) -> jax.Array:
-  """The final linear layer (dense unless model.sparse_ends), float32 logits (B, classes)."""
-  x = layers.make_dense(
-    model.config,
-    model.num_classes,
-    name='classifier',
-    kernel_init=model.kernel_init,
-    transform=False,
-    sparse=model.sparse_ends,
-    dtype=model.dtype,
-  )(x)
-  return x.astype(jnp.float32)
+    return self.classify(x)
