@@ -426,8 +426,8 @@ def test_bad_config_raises(name, keys, meta, match):
 
 def test_unknown_model_and_preset():
   c = make_config('mlp')
-  c.model.name = 'vgg'
-  with pytest.raises(ValueError, match="unknown model 'vgg'; known: gpt, mlp, resnet"):
+  c.model.name = 'vit'
+  with pytest.raises(ValueError, match="unknown model 'vit'; known: gpt, mlp, resnet, resnet_cifar"):
     models.build_model(c, IMAGE_META)
   with pytest.raises(ValueError, match='known: gpt3_medium, gpt3_small, gpt_tiny'):
     models.gpt_preset('gpt3_large')
