@@ -422,7 +422,8 @@ class GSE(Rule):
   """Guided stochastic exploration: grow by gradients at sampled inactive positions only.
 
   Per layer: sample gamma * |active| inactive candidates uniformly, compute the gradient there
-  from the layer's inputs and output gradients (`aux`, see `capture`), grow the top
+  from the layer's inputs and output gradients (`aux`, see `capture`; dense layers and
+  convolutions, gse.py), grow the top
   alpha_t * |active| by |gradient|, then prune back to the target count by |w| among the
   previously active weights, so a weight just grown is never pruned.
   """
@@ -469,7 +470,8 @@ class GSE(Rule):
     ):
       cand = select.random_mask(jax.random.fold_in(key, layer.index), layer.shape, c, ~m)
       idx = jnp.nonzero(cand.reshape(-1), size=c, fill_value=0)[0]  # (C,)
-      g = gse.sampled_layer_grads(aux, self.paths[layer.index], layer.shape, idx, self.convs)
+      path = self.paths[layer.index]
+      g = gse.sampled_layer_grads(aux, path, layer.shape, idx, self.convs)  # (C,)
       k = jnp.minimum(jnp.round(frac * layer.active).astype(jnp.int32), c)
       top = select.topk_mask(jnp.abs(g), k)  # (C,)
       grown = jnp.zeros(layer.size, bool).at[idx].max(top).reshape(layer.shape)
