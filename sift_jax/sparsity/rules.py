@@ -423,9 +423,9 @@ class GSE(Rule):
 
   Per layer: sample gamma * |active| inactive candidates uniformly, compute the gradient there
   from the layer's inputs and output gradients (`aux`, see `capture`; dense layers and
-  convolutions, gse.py), grow the top
-  alpha_t * |active| by |gradient|, then prune back to the target count by |w| among the
-  previously active weights, so a weight just grown is never pruned.
+  convolutions, gse.py), grow the top alpha_t * |active| by |gradient|, then prune back to the
+  target count by |w| among the previously active weights, so a weight just grown is never
+  pruned.
   """
 
   needs_aux = True
