@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sift_jax.models import layers
+from sift_jax.models import cifar, layers
 from sift_jax.models.gpt import GPT
 from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.models.mlp import MLP
@@ -211,6 +211,54 @@ def _build_mlp(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn
     num_classes=_positive('meta num_classes', meta['num_classes']),
     hidden=hidden,
     dtype=DTYPES[m['dtype']],
+  )
+
+
+def _cifar_common(config: ml_collections.ConfigDict, meta: Mapping[str, Any], table: dict):
+  """Resolved keys of a cifar.py model, with its depth, width and init checked."""
+  m = resolved(config)
+  _require_meta(meta, ('num_classes', 'image_shape'), config.model.name)
+  if m['depth'] not in table:
+    raise ValueError(f'model.depth {m["depth"]!r}; allowed: {", ".join(map(str, table))}')
+  if m['kernel_init'] not in cifar.KERNEL_INITS:
+    raise ValueError(
+      f'model.kernel_init {m["kernel_init"]!r}; allowed: {", ".join(cifar.KERNEL_INITS)}'
+    )
+  return m, dict(
+    config=ml_collections.FrozenConfigDict(config),
+    num_classes=_positive('meta num_classes', meta['num_classes']),
+    kernel_init=cifar.KERNEL_INITS[m['kernel_init']],
+    sparse_ends=bool(m['sparse_ends']),
+    dtype=DTYPES[m['dtype']],
+  )
+
+
+@register_model(
+  'resnet_cifar', {'depth': 56, 'width': 16, 'kernel_init': 'he_normal', 'sparse_ends': False}
+)
+def _build_resnet_cifar(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn.Module:
+  m, common = _cifar_common(config, meta, cifar.RESNET_DEPTHS)
+  w = layers.scale_width(config, _positive('model.width', m['width']))
+  return cifar.CifarResNet(
+    blocks=cifar.RESNET_DEPTHS[m['depth']], widths=(w, 2 * w, 4 * w), **common
+  )
+
+
+@register_model(
+  'vgg',
+  {'depth': 16, 'width': 16, 'dropout': 0.5, 'kernel_init': 'he_normal', 'sparse_ends': False},
+)
+def _build_vgg(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn.Module:
+  m, common = _cifar_common(config, meta, cifar.VGG_STAGES)
+  w = layers.scale_width(config, _positive('model.width', m['width']))
+  if not 0.0 <= m['dropout'] < 1.0:
+    raise ValueError(f'model.dropout must be in [0, 1), got {m["dropout"]!r}')
+  return cifar.VGG(
+    stages=cifar.VGG_STAGES[m['depth']],
+    widths=(w, 2 * w, 4 * w, 8 * w, 8 * w),
+    hidden=32 * w,  # 512 at the paper's width 16
+    dropout=float(m['dropout']),
+    **common,
   )
 
 

@@ -496,9 +496,10 @@ class GSE(Rule):
   """Guided stochastic exploration: grow by gradients at sampled inactive positions only.
 
   Per layer: sample gamma * |active| inactive candidates uniformly, compute the gradient there
-  from the layer's inputs and output gradients (`aux`, see `capture`), grow the top
-  alpha_t * |active| by |gradient|, then prune back to the target count by |w| among the
-  previously active weights, so a weight just grown is never pruned.
+  from the layer's inputs and output gradients (`aux`, see `capture`; dense layers and
+  convolutions, gse.py), grow the top alpha_t * |active| by |gradient|, then prune back to the
+  target count by |w| among the previously active weights, so a weight just grown is never
+  pruned.
   """
 
   needs_aux = True
@@ -518,9 +519,11 @@ class GSE(Rule):
     self.samples = [
       min(int(round(self.gamma * layer.active)), layer.size - layer.active) for layer in layers
     ]
+    self.convs: dict[tuple[str, ...], gse.ConvGeometry] = {}  # filled while capture() traces
 
   def capture(self) -> contextlib.AbstractContextManager:
-    return gse.capture([self.paths[layer.index] for layer in self.layers])
+    """Captures inputs and output gradients, and records each sparse conv's geometry."""
+    return gse.capture([self.paths[layer.index] for layer in self.layers], self.convs)
 
   def zero_perturbations(self, model, variables: Any, *args, **kwargs) -> Any:
     """The zero 'perturbations' collection the trainer differentiates to get output grads."""
@@ -539,10 +542,10 @@ class GSE(Rule):
       self._per_layer(params),
       strict=True,
     ):
-      x, gy = gse.layer_aux(aux, self.paths[layer.index], layer.shape)
       cand = select.random_mask(jax.random.fold_in(key, layer.index), layer.shape, c, ~m)
       idx = jnp.nonzero(cand.reshape(-1), size=c, fill_value=0)[0]  # (C,)
-      g = gse.sampled_grads(x, gy, idx)  # (C,)
+      path = self.paths[layer.index]
+      g = gse.sampled_layer_grads(aux, path, layer.shape, idx, self.convs)  # (C,)
       k = jnp.minimum(jnp.round(frac * layer.active).astype(jnp.int32), c)
       top = select.topk_mask(jnp.abs(g), k)  # (C,)
       grown = jnp.zeros(layer.size, bool).at[idx].max(top).reshape(layer.shape)
