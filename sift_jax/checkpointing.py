@@ -291,13 +291,17 @@ def shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
 def check_fits(expected: Any, saved: Any, folder: str) -> None:
   """Raises CheckpointMismatchError naming each array whose saved shape differs from the model's."""
   want, got = shapes_by_path(expected), shapes_by_path(saved)
+
+  def ordered(keys):  # the parameters first: their names are the ones a user recognises
+    return sorted(keys, key=lambda k: (not k.startswith('params/'), k))
+
   problems = [
     f'{k}: checkpoint {got[k][0]} {got[k][1]}, model {want[k][0]} {want[k][1]}'
-    for k in sorted(want.keys() & got.keys())
+    for k in ordered(want.keys() & got.keys())
     if want[k] != got[k]
   ]
-  problems += [f'{k}: not in the checkpoint' for k in sorted(want.keys() - got.keys())]
-  problems += [f'{k}: not in the model' for k in sorted(got.keys() - want.keys())]
+  problems += [f'{k}: not in the checkpoint' for k in ordered(want.keys() - got.keys())]
+  problems += [f'{k}: not in the model' for k in ordered(got.keys() - want.keys())]
   if problems:
     more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
     raise CheckpointMismatchError(

@@ -304,7 +304,10 @@ class Experiment:
 
   def params_finite(self):
     """state -> whether every weight is finite, jitted: checked before each save."""
-    finite = jax.jit(lambda params: jnp.isfinite(optax.global_norm(params)))
+    # Not isfinite(global_norm): the norm overflows float32 for large but finite weights.
+    finite = jax.jit(
+      lambda params: jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+    )
     return lambda state: bool(finite(state.params))
 
   def sparsity_metrics(self):
@@ -603,10 +606,11 @@ class Health:
     elif not params_finite:
       problem = 'the weights hold NaN/Inf'
     elif loss > limit or not eval_loss <= limit:
+      losses = {k: row[k] for k in ('train/loss', 'eval/loss') if k in row}
       problem = (
-        f'train/loss={loss:.4g}, eval/loss={eval_loss:.4g} exceed the divergence limit '
-        f'{limit:.4g} ({DIVERGENCE_FACTOR:g} x max(uniform-guess loss {self.uniform:.4g}, '
-        f'median of the last {DIVERGENCE_WINDOW} checked losses))'
+        ', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())
+        + f' above the divergence limit {limit:.4g} ({DIVERGENCE_FACTOR:g} x max(uniform-guess '
+        f'loss {self.uniform:.4g}, median of the last {DIVERGENCE_WINDOW} checked losses))'
       )
     if not problem:
       self.recent = [*self.recent, loss][-DIVERGENCE_WINDOW:]
