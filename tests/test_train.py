@@ -523,3 +523,35 @@ def test_unwritable_workdir_and_full_disk_are_one_clear_error(
   assert f'cannot write {tmp_path}' in str(info.value)
   assert message in str(info.value)
   assert 'rerunning the same command resumes' in str(info.value)
+
+
+def test_sigterm_after_the_final_checkpoint_finishes_the_run_and_exits_zero(tmp_path):
+  total = 40
+  flags = [
+    f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
+    '--config.data.name=digits',
+    '--config.model.hidden=(32,)',
+    f'--config.total_steps={total}',
+    f'--config.checkpoint_every_steps={total}',
+    '--config.eval.max_examples=64',
+    f'--workdir={tmp_path}',
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'sift_jax.main', *flags],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  ckpts = tmp_path / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (ckpts / str(total)).exists():  # renamed into place: the save is complete
+      break
+    time.sleep(0.002)
+  assert proc.poll() is None, 'the run ended before the final save could be interrupted'
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert summary_of(tmp_path)['eval/accuracy'] > 0
+  assert os.listdir(ckpts) == [str(total)]
