@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging as std_logging
 import os
 import shutil
 import time
@@ -56,6 +57,17 @@ class NoReadableCheckpointError(errors.UserError):
   """Checkpoints exist but none can be restored."""
 
 
+class _DropWriteErrorTracebacks(std_logging.Filter):
+  """Drops orbax's logged tracebacks of a failed write (disk full, read-only): the error is
+  re-raised in the main thread, where the trainer reports it in one line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.exc_info and errors.workdir_error(record.exc_info[1], ''))
+
+
+_QUIET = _DropWriteErrorTracebacks()
+
+
 class Checkpointer:
   """The one checkpoint wrapper of the trainer."""
 
@@ -65,6 +77,7 @@ class Checkpointer:
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.keep = keep
+    std_logging.getLogger('absl').addFilter(_QUIET)  # adding it again is a no-op
     self._pending: int | None = None
     self._confirmed: int | None = None  # the newest step known to hold a healthy state
     self._set_aside_incomplete()

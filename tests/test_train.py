@@ -555,3 +555,28 @@ def test_sigterm_after_the_final_checkpoint_finishes_the_run_and_exits_zero(tmp_
   assert proc.returncode == 0, err[-2000:]
   assert summary_of(tmp_path)['eval/accuracy'] > 0
   assert os.listdir(ckpts) == [str(total)]
+
+
+def test_a_full_disk_during_a_save_is_one_line_on_the_console(tmp_path):
+  script = f"""
+import errno, os, sys
+from absl import app
+from sift_jax import checkpointing, main
+
+def full(path, *args):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+checkpointing._write_json_atomic = full  # runs inside orbax's save, on its thread
+sys.argv = ['main', '--config={REPO}/configs/mlp_fashion_mnist.py:local',
+            '--config.data.name=digits', '--config.total_steps=4',
+            '--config.checkpoint_every_steps=2', '--workdir={tmp_path}']
+app.run(main.main)
+"""
+  out = subprocess.run(
+    [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 2, out.stderr[-3000:]
+  lines = [line for line in out.stderr.splitlines() if not line.startswith(('I0000', 'W0000'))]
+  assert len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith(f'error: cannot write {tmp_path}/checkpoints/2.orbax-checkpoint-tmp')
+  assert 'the disk is full' in lines[0]
