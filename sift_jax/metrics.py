@@ -151,7 +151,9 @@ class Progress:
     self._s0 = start_step
     self._bar = None
     if self.enabled and sys.stdout.isatty():
-      self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit='step', dynamic_ncols=True)
+      self._bar = tqdm.tqdm(
+        total=total_steps, initial=start_step, unit='step', dynamic_ncols=True, file=sys.stdout
+      )
 
   def line(self, step: int, scalars: Mapping[str, Any]) -> str:
     elapsed = time.perf_counter() - self._t0
@@ -169,7 +171,7 @@ class Progress:
     self._bar.set_postfix_str(self._postfix(scalars), refresh=True)
     evals = format_scalars(scalars, 'eval/')
     if evals:
-      self._bar.write(f'step {step}/{self.total_steps}  eval {evals}')
+      self._bar.write(f'step {step}/{self.total_steps}  eval {evals}', file=sys.stdout)
 
   def close(self) -> None:
     if self._bar is not None:

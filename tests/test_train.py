@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import signal
@@ -580,3 +581,27 @@ app.run(main.main)
   assert len(lines) == 1, out.stderr[-3000:]
   assert lines[0].startswith(f'error: cannot write {tmp_path}/checkpoints/2.orbax-checkpoint-tmp')
   assert 'the disk is full' in lines[0]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_file(monkeypatch):
+  from sift_jax import metrics as metrics_lib
+
+  class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+      return True
+
+  row = {'train/loss': 2.5, 'train/lr': 0.1, 'train/examples_per_s': 100.0}
+  outputs = {}
+  for name, stream in (('file', io.StringIO()), ('terminal', Terminal())):
+    monkeypatch.setattr(sys, 'stdout', stream)
+    progress = metrics_lib.Progress(10, 0, 'examples')
+    progress.update(5, row)
+    progress.update(10, {**row, 'eval/loss': 1.25, 'eval/accuracy': 0.5})
+    progress.close()
+    outputs[name] = stream.getvalue()
+  lines = outputs['file'].splitlines()
+  assert '\r' not in outputs['file'] and len(lines) == 2
+  assert lines[0].startswith('step 5/10  loss 2.5000  100 examples/s  lr 0.1  ETA ')
+  assert 'eval accuracy 0.5  loss 1.25' in lines[1]
+  assert '\r' in outputs['terminal'] and '10/10' in outputs['terminal']  # a tqdm bar
+  assert 'step 10/10  eval accuracy 0.5  loss 1.25\n' in outputs['terminal']
