@@ -289,22 +289,32 @@ def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tmp_p
   assert_trees_equal(final_params(tmp_path / 'straight'), final_params(workdir))
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
-  flags = [
-    f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
-    '--config.data.name=digits',
-    '--config.model.hidden=(32,)',
-    '--config.total_steps=100000',
-    '--config.checkpoint_every_steps=100000',
-    '--config.log_every_steps=10',
-    f'--workdir={tmp_path}',
-  ]
-  proc = subprocess.Popen(
-    [sys.executable, '-m', 'sift_jax.main', *flags],
+def start_mlp_run(workdir, *flags: str) -> subprocess.Popen:
+  """`sift_jax.main` on the small digits MLP in the background, output captured."""
+  return subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'sift_jax.main',
+      f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
+      '--config.data.name=digits',
+      '--config.model.hidden=(32,)',
+      *flags,
+      f'--workdir={workdir}',
+    ],
     cwd=REPO,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+  )
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
+  proc = start_mlp_run(
+    tmp_path,
+    '--config.total_steps=100000',
+    '--config.checkpoint_every_steps=100000',
+    '--config.log_every_steps=10',
   )
   deadline = time.time() + 300
   metrics_file = tmp_path / 'metrics.jsonl'
@@ -528,21 +538,11 @@ def test_unwritable_workdir_and_full_disk_are_one_clear_error(
 
 def test_sigterm_after_the_final_checkpoint_finishes_the_run_and_exits_zero(tmp_path):
   total = 40
-  flags = [
-    f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
-    '--config.data.name=digits',
-    '--config.model.hidden=(32,)',
+  proc = start_mlp_run(
+    tmp_path,
     f'--config.total_steps={total}',
     f'--config.checkpoint_every_steps={total}',
     '--config.eval.max_examples=64',
-    f'--workdir={tmp_path}',
-  ]
-  proc = subprocess.Popen(
-    [sys.executable, '-m', 'sift_jax.main', *flags],
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
   )
   ckpts = tmp_path / 'checkpoints'
   deadline = time.time() + 300
