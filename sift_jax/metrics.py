@@ -173,7 +173,10 @@ class Progress:
     if evals:
       self._bar.write(f'step {step}/{self.total_steps}  eval {evals}', file=sys.stdout)
 
-  def close(self) -> None:
+  def __enter__(self) -> Progress:
+    return self
+
+  def __exit__(self, *exc) -> None:
     if self._bar is not None:
       self._bar.close()
 

@@ -530,48 +530,50 @@ def train_loop(exp: Experiment, state, start_step: int, ckpt, writer, guard):
   params_finite = exp.params_finite()
   health = Health(uniform_loss(dataset.meta), ckpt)
   unit = 'tokens' if dataset.kind == 'text' else 'examples'
-  progress = metrics_lib.Progress(total, start_step, unit, enabled=config.progress)
   final: dict[str, Any] = {}
   batches = dataset.train_iterator(start_step)
   t_last, s_last = time.perf_counter(), start_step
-  for step in range(start_step + 1, total + 1):
-    state, step_metrics = step_fn(state, sharding.global_batch(exp.mesh, next(batches)))
-    if guard.requested or ckpt.reached_preemption(step):
-      health.check(jax.device_get(step_metrics), step, params_finite(state))
-      ckpt.save(step, state)
-      ckpt.wait()
-      progress.close()
-      raise Preempted(
-        f'{guard.signal_name or "preemption"} received: saved a checkpoint at step {step} '
-        f'in {ckpt.directory}; rerun the same command to resume'
-      )
-    is_eval = every(step, config.eval_every_steps) or step == total
-    is_log = every(step, config.log_every_steps) or is_eval
-    is_ckpt = every(step, config.checkpoint_every_steps) or step == total
-    if not (is_log or is_ckpt):
-      continue
-    row = jax.device_get(step_metrics)  # device-to-host only on log and checkpoint steps
-    if is_log:
-      now = time.perf_counter()
-      row.update(throughput(exp, (now - t_last) / (step - s_last)))
-      row.update(jax.device_get(sparsity_metrics(state)))
-      densities = sparsity.layer_densities_from_metrics(row)
-      row['flops/train_per_example'] = train_flops(exp, densities, step)
-      if exp.sift_flops is not None:
-        row['sparsity/solved_level'] = exp.sift_flops.mask_level
-      if is_eval:
-        row.update(evaluate(eval_step, state, dataset, exp.mesh))
-    # Before anything is written: a diverged step neither logs nor saves.
-    health.check(row, step, params_finite(state) if is_ckpt else True)
-    if is_log:
-      writer.write(step, row)
-      final.update(row)
-      progress.update(step, row)
-      t_last, s_last = time.perf_counter(), step  # eval time is not step time
-    if is_ckpt:
-      ckpt.save(step, state)
-  progress.close()
+  with metrics_lib.Progress(total, start_step, unit, enabled=config.progress) as progress:
+    for step in range(start_step + 1, total + 1):
+      state, step_metrics = step_fn(state, sharding.global_batch(exp.mesh, next(batches)))
+      if guard.requested or ckpt.reached_preemption(step):
+        health.check(jax.device_get(step_metrics), step, params_finite(state))
+        ckpt.save(step, state)
+        ckpt.wait()
+        raise Preempted(
+          f'{guard.signal_name or "preemption"} received: saved a checkpoint at step {step} '
+          f'in {ckpt.directory}; rerun the same command to resume'
+        )
+      is_eval = every(step, config.eval_every_steps) or step == total
+      is_log = every(step, config.log_every_steps) or is_eval
+      is_ckpt = every(step, config.checkpoint_every_steps) or step == total
+      if not (is_log or is_ckpt):
+        continue
+      row = jax.device_get(step_metrics)  # device-to-host only on log and checkpoint steps
+      if is_log:
+        now = time.perf_counter()
+        row.update(throughput(exp, (now - t_last) / (step - s_last)))
+        row.update(jax.device_get(sparsity_metrics(state)))
+        densities = sparsity.layer_densities_from_metrics(row)
+        row['flops/train_per_example'] = train_flops(exp, densities, step)
+        if exp.sift_flops is not None:
+          row['sparsity/solved_level'] = exp.sift_flops.mask_level
+        if is_eval:
+          row.update(evaluate(eval_step, state, dataset, exp.mesh))
+      # Before anything is written: a diverged step neither logs nor saves.
+      health.check(row, step, params_finite(state) if is_ckpt else True)
+      if is_log:
+        writer.write(step, row)
+        final.update(row)
+        progress.update(step, row)
+        t_last, s_last = time.perf_counter(), step  # eval time is not step time
+      if is_ckpt:
+        ckpt.save(step, state)
   return state, final
+
+
+def every(step: int, period: int) -> bool:
+  return bool(period) and step % period == 0
 
 
 def uniform_loss(meta: dict[str, Any]) -> float:
@@ -624,10 +626,6 @@ class Health:
       + (f'; unconfirmed ones moved to {", ".join(moved)}' if moved else '')
       + '.'
     )
-
-
-def every(step: int, period: int) -> bool:
-  return bool(period) and step % period == 0
 
 
 def throughput(exp: Experiment, step_time_s: float) -> dict[str, float]:

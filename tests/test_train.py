@@ -594,10 +594,9 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_file(monkeypatch):
   outputs = {}
   for name, stream in (('file', io.StringIO()), ('terminal', Terminal())):
     monkeypatch.setattr(sys, 'stdout', stream)
-    progress = metrics_lib.Progress(10, 0, 'examples')
-    progress.update(5, row)
-    progress.update(10, {**row, 'eval/loss': 1.25, 'eval/accuracy': 0.5})
-    progress.close()
+    with metrics_lib.Progress(10, 0, 'examples') as progress:
+      progress.update(5, row)
+      progress.update(10, {**row, 'eval/loss': 1.25, 'eval/accuracy': 0.5})
     outputs[name] = stream.getvalue()
   lines = outputs['file'].splitlines()
   assert '\r' not in outputs['file'] and len(lines) == 2
