@@ -391,9 +391,14 @@ def train_and_evaluate(
   """
   if mode not in MODES:
     raise ValueError(f'unknown mode {mode!r}; known: {", ".join(MODES)}')
+  t_start = time.time()
+  use_compilation_cache()
+  launch.initialize(config)  # before anything touches a device (the guard asks process_count)
+  if jax.default_backend() == 'cpu':
+    hostmem.keep_freed_memory()
   try:
     with preemption.PreemptionGuard() as guard:
-      return run(config, workdir, mode, guard)
+      return run(config, workdir, mode, guard, t_start)
   except errors.UserError:
     raise
   except Exception as e:
@@ -403,13 +408,10 @@ def train_and_evaluate(
     raise problem from e
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mode: str, guard) -> dict[str, Any]:
+def run(
+  config: ml_collections.ConfigDict, workdir: str, mode: str, guard, t_start: float
+) -> dict[str, Any]:
   """train_and_evaluate's body, inside the preemption guard."""
-  t_start = time.time()
-  use_compilation_cache()
-  launch.initialize(config)  # before anything touches a device
-  if jax.default_backend() == 'cpu':
-    hostmem.keep_freed_memory()
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.WorkdirError(f'--workdir={workdir} is a file, not a folder: pass a folder path')
   os.makedirs(workdir, exist_ok=True)
