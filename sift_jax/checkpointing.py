@@ -62,7 +62,7 @@ class _DropWriteErrorTracebacks(std_logging.Filter):
   re-raised in the main thread, where the trainer reports it in one line."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return not (record.exc_info and errors.workdir_error(record.exc_info[1], ''))
+    return not (record.exc_info and errors.workdir_error(record.exc_info[1], None))
 
 
 _QUIET = _DropWriteErrorTracebacks()

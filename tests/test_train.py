@@ -532,6 +532,8 @@ def test_unwritable_workdir_and_full_disk_are_one_clear_error(
   with pytest.raises(errors.WorkdirError) as info:
     train.train_and_evaluate(tiny_config(), str(tmp_path))
   assert f'cannot write {tmp_path}' in str(info.value)
+  # The same errno on a file outside the workdir (a dataset, say) is not a workdir problem.
+  assert errors.workdir_error(OSError(code, 'x', '/elsewhere/data.gz'), str(tmp_path)) is None
   assert message in str(info.value)
   assert 'rerunning the same command resumes' in str(info.value)
 
