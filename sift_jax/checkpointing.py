@@ -12,8 +12,15 @@ checkpoint can go bad, and what happens to each:
   checkpoint is never visible without them. Restoring verifies them first.
 - Unreadable for any other reason (orbax raises).
 
-A bad checkpoint is reported and moved to `workdir/checkpoints_corrupt/<step>` (never deleted),
-and the previous one is restored. All processes agree on the verdict before anyone moves on.
+A bad checkpoint is reported and moved to `workdir/checkpoints_corrupt/<step>` (never deleted)
+once an older one restores; when none restores, nothing is moved and the run stops with an
+error. All processes agree on the verdict before anyone moves on. A checkpoint whose shapes do
+not fit the model is not damage but a config change: it is reported with the parameter and the
+two shapes, and nothing is moved.
+
+Keep-last-N never deletes the newest *confirmed* checkpoint: one whose state later produced a
+healthy loss (the trainer calls `confirm`). A run stopped for divergence moves the unconfirmed
+ones to `workdir/checkpoints_diverged/`, so the latest checkpoint is the last good state.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging as std_logging
 import os
 import shutil
 import time
@@ -32,10 +40,32 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from sift_jax import errors
+
 MANIFEST = 'sha256.json'
 # Files orbax (re)writes after its post-finalization hook, so they cannot be sealed.
 _UNSEALED = (MANIFEST, '_CHECKPOINT_METADATA', 'commit_success.txt')
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'
+SET_ASIDE = ('checkpoints_corrupt', 'checkpoints_diverged')
+
+
+class CheckpointMismatchError(errors.UserError):
+  """A checkpoint's arrays do not fit the model this config builds."""
+
+
+class NoReadableCheckpointError(errors.UserError):
+  """Checkpoints exist but none can be restored."""
+
+
+class _DropWriteErrorTracebacks(std_logging.Filter):
+  """Drops orbax's logged tracebacks of a failed write (disk full, read-only): the error is
+  re-raised in the main thread, where the trainer reports it in one line."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.exc_info and errors.workdir_error(record.exc_info[1], None))
+
+
+_QUIET = _DropWriteErrorTracebacks()
 
 
 class Checkpointer:
@@ -46,15 +76,19 @@ class Checkpointer:
       raise ValueError(f'checkpoint.keep={keep} must be >= 1')
     self.workdir = os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, 'checkpoints')
+    self.keep = keep
+    std_logging.getLogger('absl').addFilter(_QUIET)  # adding it again is a no-op
     self._pending: int | None = None
+    self._confirmed: int | None = None  # the newest step known to hold a healthy state
     self._set_aside_incomplete()
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
+        max_to_keep=None,  # pruned by `_prune`, which spares the newest confirmed step
         create=True,
         async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_pending),
       ),
+      item_handlers={'state': ocp.StandardCheckpointHandler()},  # for item_metadata
     )
 
   def steps(self) -> list[int]:
@@ -62,20 +96,48 @@ class Checkpointer:
 
   def save(self, step: int, state: Any) -> None:
     """Starts a collective asynchronous save (every process calls it with the same step)."""
-    self._manager.wait_until_finished()  # one save in flight: the seal knows its step
+    self.wait()  # one save in flight: the seal knows its step
     self._pending = step
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
   def wait(self) -> None:
+    """Waits for the save in flight, then applies keep-last-N."""
     self._manager.wait_until_finished()
+    self._prune()
+
+  def confirm(self, step: int) -> None:
+    """Marks the state of `step` healthy: the newest checkpoint at or before it is kept."""
+    self._confirmed = max([s for s in self.steps() if s <= step], default=self._confirmed)
+
+  def set_aside_unconfirmed(self) -> list[str]:
+    """Moves the checkpoints newer than the newest confirmed one to checkpoints_diverged/."""
+    self._manager.wait_until_finished()
+    moved = [
+      self._set_aside(s, 'checkpoints_diverged')
+      for s in self.steps()
+      if self._confirmed is None or s > self._confirmed
+    ]
+    self._manager.reload()
+    return moved
+
+  def reached_preemption(self, step: int) -> bool:
+    """With several processes: JAX's preemption service (via orbax) agrees on the step."""
+    return jax.process_count() > 1 and self._manager.reached_preemption(step)
+
+  def _prune(self) -> None:
+    steps = self.steps()
+    keep = set(steps[-self.keep :]) | {self._confirmed}
+    for s in steps:
+      if s not in keep:
+        self._manager.delete(s)
 
   def restore_latest(self, abstract_state: Any) -> tuple[Any, int] | None:
     """Restores the newest good checkpoint into `abstract_state`'s shapes and shardings.
 
-    Returns (state, step), or None when there is no checkpoint. A checkpoint that fails its
-    checksums or cannot be read is reported, moved to checkpoints_corrupt/ and skipped for the
-    one before it. Raises if checkpoints exist but none is good, so a run never silently
-    starts over on top of them.
+    Returns (state, step), or None when there is no checkpoint. Checkpoints that fail their
+    checksums or cannot be read are skipped for older ones and, once one restores, moved to
+    checkpoints_corrupt/. Raises NoReadableCheckpointError (moving nothing) if none restores,
+    and CheckpointMismatchError if the newest intact one does not fit the model.
     """
     failures = []
     for step in reversed(self.steps()):
@@ -83,29 +145,33 @@ class Checkpointer:
       restored = None
       if not problem:
         try:
-          restored = self._manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-          )['state']
+          saved = self._manager.item_metadata(step)['state']
         except Exception as e:  # orbax raises many types for unreadable files
-          problem = f'{type(e).__name__}: {e}'.splitlines()[0]
+          problem = _one_line(e)
+        if not problem:
+          check_fits(abstract_state, saved, os.path.join(self.directory, str(step)))
+          try:
+            restored = self._manager.restore(
+              step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            )['state']
+          except Exception as e:
+            problem = _one_line(e)
         problem = _agreed(problem)
       if not problem:
-        _check_shapes(abstract_state, restored, step)
+        for bad, why in failures:
+          moved = self._set_aside(bad, 'checkpoints_corrupt')
+          logging.error(
+            'checkpoint %s/%d is bad (%s); moved it to %s', self.directory, bad, why, moved
+          )
         self._manager.reload()  # forget the steps moved aside
+        self._confirmed = step
         return restored, step
-      failures.append(f'step {step}: {problem}')
-      moved = self._set_aside(step, 'checkpoints_corrupt')
-      logging.error(
-        'checkpoint %s/%d is bad (%s); moved it to %s and trying the previous one',
-        self.directory,
-        step,
-        problem,
-        moved,
-      )
+      failures.append((step, problem))
     if failures:
-      raise RuntimeError(
-        f'no readable checkpoint in {self.directory} (bad ones were moved to '
-        f'{os.path.join(self.workdir, "checkpoints_corrupt")}); tried: ' + '; '.join(failures)
+      tried = '; '.join(f'step {s}: {p}' for s, p in failures)
+      raise NoReadableCheckpointError(
+        f'no readable checkpoint in {self.directory} (nothing was moved; tried {tried}). '
+        f'To start over from step 0, move {self.directory} away or pass a new --workdir.'
       )
     return None
 
@@ -142,11 +208,23 @@ class Checkpointer:
 
   # ----- moving bad checkpoints aside
   def _set_aside_incomplete(self) -> None:
-    """Moves saves interrupted by a kill out of the way (orbax would trip over them)."""
+    """Moves saves interrupted by a kill out of the way (orbax would trip over them).
+
+    Only the latest interrupted save is kept in checkpoints_incomplete/, for inspection: a run
+    killed again and again would otherwise fill the disk with them.
+    """
     if jax.process_index() == 0:
-      for folder in sorted(glob.glob(os.path.join(self.directory, f'*{_TMP_SUFFIX}*'))):
-        moved = _move_aside(folder, os.path.join(self.workdir, 'checkpoints_incomplete'))
-        logging.error('found an interrupted save %s; moved it to %s', folder, moved)
+      folders = sorted(
+        glob.glob(os.path.join(self.directory, f'*{_TMP_SUFFIX}*')),
+        key=lambda f: int(os.path.basename(f).split('.')[0]),
+      )
+      into = os.path.join(self.workdir, 'checkpoints_incomplete')
+      if folders:
+        shutil.rmtree(into, ignore_errors=True)
+        for older in folders[:-1]:
+          shutil.rmtree(older)
+        moved = _move_aside(folders[-1], into)
+        logging.error('found an interrupted save %s; moved it to %s', folders[-1], moved)
     _barrier('sift_jax_checkpoints_tidy')
 
   def _set_aside(self, step: int, where: str) -> str:
@@ -210,8 +288,38 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _check_shapes(expected: Any, restored: Any, step: int) -> None:
-  want = jax.tree.map(lambda x: (x.shape, x.dtype), expected)
-  got = jax.tree.map(lambda x: (x.shape, x.dtype), restored)
-  if want != got:
-    raise ValueError(f'checkpoint at step {step} does not match the model of this config')
+def _one_line(e: BaseException) -> str:
+  return f'{type(e).__name__}: {e}'.splitlines()[0]
+
+
+def shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """'params/dense/kernel' -> (shape, dtype) for every array leaf of a state or its metadata."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+    out[name] = (tuple(leaf.shape), np.dtype(leaf.dtype))
+  return out
+
+
+def check_fits(expected: Any, saved: Any, folder: str) -> None:
+  """Raises CheckpointMismatchError naming each array whose saved shape differs from the model's."""
+  want, got = shapes_by_path(expected), shapes_by_path(saved)
+
+  def ordered(keys):  # the parameters first: their names are the ones a user recognises
+    return sorted(keys, key=lambda k: (not k.startswith('params/'), k))
+
+  problems = [
+    f'{k}: checkpoint {got[k][0]} {got[k][1]}, model {want[k][0]} {want[k][1]}'
+    for k in ordered(want.keys() & got.keys())
+    if want[k] != got[k]
+  ]
+  problems += [f'{k}: not in the checkpoint' for k in ordered(want.keys() - got.keys())]
+  problems += [f'{k}: not in the model' for k in ordered(got.keys() - want.keys())]
+  if problems:
+    more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
+    raise CheckpointMismatchError(
+      f'checkpoint {folder} does not fit the model of this config: '
+      + '; '.join(problems[:5])
+      + more
+      + '. The config changed since it was saved: use the original config or a new --workdir.'
+    )

@@ -12,7 +12,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sift_jax import train
+from sift_jax import errors, train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string(
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
   except train.Preempted as e:
     print(str(e), flush=True)
     sys.exit(0)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, errors.UserError) as e:
     # Bad input: one clear line, no traceback, non-zero exit.
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)

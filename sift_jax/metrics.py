@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 LIBRARIES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'ml-collections')
 
@@ -34,18 +35,28 @@ def plain(value: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends to workdir/metrics.jsonl and TensorBoard events; only process 0 writes."""
+  """Writes workdir/metrics.jsonl and TensorBoard events; only process 0 writes.
 
-  def __init__(self, workdir: str):
+  A resumed run replays the steps after its checkpoint, so the rows (and TensorBoard events)
+  past `start_step` are dropped first: the file holds each step once, the later value winning.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
     if self.active:
       from tensorboardX import SummaryWriter  # imported here: slow, and only process 0 needs it
 
+      path = os.path.join(workdir, 'metrics.jsonl')
+      kept = [r for r in read_rows(workdir) if r['step'] <= start_step]
+      tmp = path + '.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in kept)
+      os.replace(tmp, path)
       # Open for the whole run: one line is appended and flushed per log step.
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')  # noqa: SIM115
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._jsonl = open(path, 'a')  # noqa: SIM115
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.active:
@@ -62,6 +73,30 @@ class MetricWriter:
     if self.active:
       self._jsonl.close()
       self._tb.close()
+
+
+def read_rows(workdir: str) -> list[dict[str, Any]]:
+  """The rows of workdir/metrics.jsonl; a last line cut short by a kill is skipped."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue
+  return rows
+
+
+def format_scalars(scalars: Mapping[str, Any], prefix: str) -> str:
+  """'loss 2.3026  accuracy 0.1' for the keys under `prefix` (e.g. 'eval/')."""
+  return '  '.join(
+    f'{k[len(prefix) :]} {v:.4g}'
+    for k, v in sorted(scalars.items())
+    if k.startswith(prefix) and isinstance(v, (int, float))
+  )
 
 
 def write_json(path: str, obj: Mapping[str, Any]) -> None:
@@ -102,23 +137,58 @@ def provenance() -> dict[str, Any]:
 
 
 class Progress:
-  """The one-line progress report: step, loss, throughput, learning rate and ETA."""
+  """The progress report: step, loss, throughput, learning rate, ETA, and eval on eval steps.
 
-  def __init__(self, total_steps: int, start_step: int, unit: str):
+  On a terminal it is a tqdm bar whose eval results stay above it; into a file or pipe it is
+  one plain line per log step (a bar's carriage returns would garble logs). Process 0 only.
+  """
+
+  def __init__(self, total_steps: int, start_step: int, unit: str, enabled: bool = True):
     self.total_steps = total_steps
     self.unit = unit
+    self.enabled = enabled and jax.process_index() == 0
     self._t0 = time.perf_counter()
     self._s0 = start_step
+    self._bar = None
+    if self.enabled and sys.stdout.isatty():
+      self._bar = tqdm.tqdm(
+        total=total_steps, initial=start_step, unit='step', dynamic_ncols=True, file=sys.stdout
+      )
 
   def line(self, step: int, scalars: Mapping[str, Any]) -> str:
     elapsed = time.perf_counter() - self._t0
     done = max(step - self._s0, 1)
     eta = elapsed / done * (self.total_steps - step)
+    return f'step {step}/{self.total_steps}  {self._postfix(scalars)}  ETA {_hms(eta)}'
+
+  def update(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    if self._bar is None:
+      print(self.line(step, scalars), flush=True)
+      return
+    self._bar.update(step - self._bar.n)
+    self._bar.set_postfix_str(self._postfix(scalars), refresh=True)
+    evals = format_scalars(scalars, 'eval/')
+    if evals:
+      self._bar.write(f'step {step}/{self.total_steps}  eval {evals}', file=sys.stdout)
+
+  def __enter__(self) -> Progress:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+  def _postfix(self, scalars: Mapping[str, Any]) -> str:
     rate = scalars.get(f'train/{self.unit}_per_s', float('nan'))
-    return (
-      f'step {step}/{self.total_steps}  loss {scalars["train/loss"]:.4f}  '
-      f'{rate:,.0f} {self.unit}/s  lr {scalars["train/lr"]:.3g}  ETA {_hms(eta)}'
+    text = (
+      f'loss {scalars["train/loss"]:.4f}  {rate:,.0f} {self.unit}/s  lr {scalars["train/lr"]:.3g}'
     )
+    evals = format_scalars(scalars, 'eval/')
+    if evals and self._bar is None:
+      text += f'  eval {evals}'
+    return text
 
 
 def _hms(seconds: float) -> str:

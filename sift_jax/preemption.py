@@ -1,9 +1,14 @@
 """Stopping cleanly on SIGTERM / SIGINT: save at the next step boundary, then exit 0.
 
-Cluster schedulers send SIGTERM before they reclaim a host. The handler only sets a flag; the
-train loop polls it once per step, so the checkpoint is written from a consistent state. With
-several processes every host must stop at the same step, so there the signal is left to JAX's
-preemption service (on by default after jax.distributed.initialize), which agrees on the step.
+Cluster schedulers send SIGTERM before they reclaim a host. On one process the handler only
+sets a flag; the train loop polls it once per step, so the checkpoint is written from a
+consistent state. With several processes every host must stop at the same step, so there the
+signal is left to JAX's preemption service (on by default after jax.distributed.initialize),
+which orbax's `CheckpointManager.reached_preemption` polls (`Checkpointer.reached_preemption`).
+
+The guard covers the whole run, not just the step loop: a signal that arrives after the last
+step (while the final checkpoint is written, or the summary) lets the run finish and exit 0
+instead of killing it half-way.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import signal
 import threading
 
 import jax
-from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -45,10 +49,9 @@ class PreemptionGuard:
     self.signal_name = signal.Signals(signum).name
     self._requested.set()
 
-  def should_stop(self, step: int) -> bool:
-    """True when this step is the one to save and stop at (the same on every process)."""
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
+  @property
+  def requested(self) -> bool:
+    """True once this process got SIGTERM/SIGINT (single-process runs only)."""
     return self._requested.is_set()
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
+import statistics
 import time
 from typing import Any
 
@@ -24,6 +26,7 @@ from absl import logging
 from sift_jax import (
   checkpointing,
   data,
+  errors,
   flops,
   hostmem,
   launch,
@@ -40,10 +43,22 @@ from sift_jax.sift import report as sift_report
 from sift_jax.state import TrainState
 
 MODES = ('train', 'eval')
+# A loss above DIVERGENCE_FACTOR x max(loss of a uniform guess, median of the last
+# DIVERGENCE_WINDOW checked losses) counts as divergence: no healthy run jumps that far.
+DIVERGENCE_FACTOR = 10.0
+DIVERGENCE_WINDOW = 10
 
 
-class NonFiniteLossError(RuntimeError):
-  """Training produced a NaN or Inf; nothing after the last good checkpoint is saved."""
+class NonFiniteLossError(errors.UserError):
+  """Training (or eval) produced a NaN/Inf or an exploding loss, or NaN/Inf weights.
+
+  Nothing after the last good checkpoint is kept: unconfirmed checkpoints are moved to
+  checkpoints_diverged/.
+  """
+
+
+class RunStateError(errors.UserError):
+  """The workdir's checkpoints do not allow this run: past its end, or lost."""
 
 
 class Preempted(Exception):
@@ -287,6 +302,14 @@ class Experiment:
   def eval_step(self):
     return jax.jit(make_eval_step(self.model, self.rule, self.dataset.kind))
 
+  def params_finite(self):
+    """state -> whether every weight is finite, jitted: checked before each save."""
+    # Not isfinite(global_norm): the norm overflows float32 for large but finite weights.
+    finite = jax.jit(
+      lambda params: jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+    )
+    return lambda state: bool(finite(state.params))
+
   def sparsity_metrics(self):
     """The rule's metrics (densities, churn, itop) of a state, jitted: computed on log steps
     only, since counting every mask each step costs ~5% of a small model's step."""
@@ -360,42 +383,131 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, mode: str = 'train'
 ) -> dict[str, Any]:
-  """Trains (or, with mode='eval', evaluates the latest checkpoint); returns the summary."""
+  """Trains (or, with mode='eval', evaluates the latest checkpoint); returns the summary.
+
+  Rerunning a finished run leaves its outputs as they are (or rebuilds a missing summary.json
+  from its last checkpoint and metrics row) and says so. A full disk, a read-only workdir or a
+  workdir that is a file raise errors.WorkdirError naming the path.
+  """
   if mode not in MODES:
     raise ValueError(f'unknown mode {mode!r}; known: {", ".join(MODES)}')
   t_start = time.time()
   use_compilation_cache()
-  launch.initialize(config)  # before anything touches a device
+  launch.initialize(config)  # before anything touches a device (the guard asks process_count)
   if jax.default_backend() == 'cpu':
     hostmem.keep_freed_memory()
+  try:
+    with preemption.PreemptionGuard() as guard:
+      return run(config, workdir, mode, guard, t_start)
+  except errors.UserError:
+    raise
+  except Exception as e:
+    problem = errors.workdir_error(e, workdir)
+    if problem is None:
+      raise
+    raise problem from e
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, mode: str, guard, t_start: float
+) -> dict[str, Any]:
+  """train_and_evaluate's body, inside the preemption guard."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.WorkdirError(f'--workdir={workdir} is a file, not a folder: pass a folder path')
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir)
   exp = build_experiment(config)
-  metrics_lib.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+  if mode == 'train':
+    metrics_lib.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
 
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
-  restored = ckpt.restore_latest(exp.abstract_state)
-  if restored is None:
-    if mode == 'eval':
-      raise FileNotFoundError(f'--mode=eval needs a checkpoint; {ckpt.directory} has none')
-    state, start_step = exp.new_state(), 0
-  else:
-    state, start_step = restored
-    logging.info('resumed from %s at step %d', ckpt.directory, start_step)
-
-  writer = metrics_lib.MetricWriter(workdir)
   try:
+    restored = ckpt.restore_latest(exp.abstract_state)
     if mode == 'eval':
-      final = evaluate(exp.eval_step(), state, exp.dataset, exp.mesh)
-      writer.write(start_step, final)
-      logging.info('eval at step %d: %s', start_step, final)
-      return final
-    state, final = train_loop(exp, workdir, state, start_step, ckpt, writer)
+      return evaluate_checkpoint(exp, workdir, restored, ckpt)
+    if restored is None:
+      check_fresh_start(workdir)
+      state, start_step = exp.new_state(), 0
+    else:
+      state, start_step = restored
+    if start_step > config.total_steps:
+      raise RunStateError(
+        f'{ckpt.directory} holds step {start_step}, past total_steps={config.total_steps}: '
+        'raise --config.total_steps or pass a new --workdir'
+      )
+    if start_step == config.total_steps:
+      return finished_summary(exp, workdir, state, t_start)
+    if start_step:
+      announce(f'resumed from step {start_step} of {config.total_steps} ({ckpt.directory})')
+    writer = metrics_lib.MetricWriter(workdir, start_step)
+    try:
+      state, final = train_loop(exp, state, start_step, ckpt, writer, guard)
+    finally:
+      writer.close()
   finally:
     ckpt.wait()
     ckpt.close()
-    writer.close()
+  return write_summary(exp, workdir, state, final, start_step, t_start)
 
+
+def announce(message: str) -> None:
+  """A line for the console (process 0), also logged."""
+  logging.info(message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def check_fresh_start(workdir: str) -> None:
+  """Refuses to start at step 0 in a workdir whose checkpoints were all set aside."""
+  held = [
+    os.path.join(workdir, d)
+    for d in checkpointing.SET_ASIDE
+    if os.path.isdir(os.path.join(workdir, d)) and os.listdir(os.path.join(workdir, d))
+  ]
+  if held or os.path.exists(os.path.join(workdir, 'summary.json')):
+    evidence = ', '.join(held) or os.path.join(workdir, 'summary.json')
+    raise RunStateError(
+      f'{workdir} has no checkpoint left but held a run ({evidence}); refusing to start over '
+      f'from step 0 on top of it. To start over, move {workdir} away or pass a new --workdir.'
+    )
+
+
+def evaluate_checkpoint(exp: Experiment, workdir: str, restored, ckpt) -> dict[str, Any]:
+  """--mode=eval: evaluates the latest checkpoint, prints the result and writes eval.json."""
+  if restored is None:
+    raise FileNotFoundError(f'--mode=eval needs a checkpoint; {ckpt.directory} has none')
+  state, step = restored
+  result = {'step': step, **evaluate(exp.eval_step(), state, exp.dataset, exp.mesh)}
+  announce(f'eval at step {step}: {metrics_lib.format_scalars(result, "eval/")}')
+  if not math.isfinite(result['eval/loss']):
+    raise NonFiniteLossError(
+      f'eval/loss={result["eval/loss"]} at step {step}: checkpoint {ckpt.directory}/{step} '
+      'holds a diverged state'
+    )
+  metrics_lib.write_json(os.path.join(workdir, 'eval.json'), result)
+  return result
+
+
+def finished_summary(exp: Experiment, workdir: str, state, t_start: float) -> dict[str, Any]:
+  """A rerun of a finished run: keeps summary.json, or rebuilds it whole if it is missing."""
+  path = os.path.join(workdir, 'summary.json')
+  step = exp.config.total_steps
+  if os.path.exists(path):
+    announce(f'run in {workdir} already finished at step {step}; its outputs are left as they are')
+    with open(path) as f:
+      return json.load(f)
+  rows = [r for r in metrics_lib.read_rows(workdir) if r['step'] == step]
+  if not rows:
+    raise RunStateError(
+      f'{workdir} has the final checkpoint (step {step}) but neither summary.json nor the '
+      'final row of metrics.jsonl; evaluate it with --mode=eval'
+    )
+  announce(f'run in {workdir} finished at step {step} without summary.json; rebuilt it')
+  final = {k: v for k, v in rows[-1].items() if k != 'step'}
+  return write_summary(exp, workdir, state, final, step, t_start)
+
+
+def write_summary(exp: Experiment, workdir: str, state, final, start_step: int, t_start: float):
   summary = metrics_lib.plain(
     {
       **final,
@@ -412,21 +524,22 @@ def train_and_evaluate(
   return summary
 
 
-def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writer):
+def train_loop(exp: Experiment, state, start_step: int, ckpt, writer, guard):
   """Runs steps start_step+1 .. total_steps; returns (final state, last logged metrics)."""
   config, dataset = exp.config, exp.dataset
   total = config.total_steps
   step_fn, eval_step, sparsity_metrics = exp.train_step(), exp.eval_step(), exp.sparsity_metrics()
+  params_finite = exp.params_finite()
+  health = Health(uniform_loss(dataset.meta), ckpt)
   unit = 'tokens' if dataset.kind == 'text' else 'examples'
-  progress = metrics_lib.Progress(total, start_step, unit)
   final: dict[str, Any] = {}
   batches = dataset.train_iterator(start_step)
   t_last, s_last = time.perf_counter(), start_step
-  with preemption.PreemptionGuard() as guard:
+  with metrics_lib.Progress(total, start_step, unit, enabled=config.progress) as progress:
     for step in range(start_step + 1, total + 1):
       state, step_metrics = step_fn(state, sharding.global_batch(exp.mesh, next(batches)))
-      if guard.should_stop(step):
-        check_finite(jax.device_get(step_metrics), step, ckpt)
+      if guard.requested or ckpt.reached_preemption(step):
+        health.check(jax.device_get(step_metrics), step, params_finite(state))
         ckpt.save(step, state)
         ckpt.wait()
         raise Preempted(
@@ -439,7 +552,6 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
       if not (is_log or is_ckpt):
         continue
       row = jax.device_get(step_metrics)  # device-to-host only on log and checkpoint steps
-      check_finite(row, step, ckpt)
       if is_log:
         now = time.perf_counter()
         row.update(throughput(exp, (now - t_last) / (step - s_last)))
@@ -450,10 +562,12 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
           row['sparsity/solved_level'] = exp.sift_flops.mask_level
         if is_eval:
           row.update(evaluate(eval_step, state, dataset, exp.mesh))
+      # Before anything is written: a diverged step neither logs nor saves.
+      health.check(row, step, params_finite(state) if is_ckpt else True)
+      if is_log:
         writer.write(step, row)
         final.update(row)
-        if config.progress and jax.process_index() == 0:
-          print(progress.line(step, row), flush=True)
+        progress.update(step, row)
         t_last, s_last = time.perf_counter(), step  # eval time is not step time
       if is_ckpt:
         ckpt.save(step, state)
@@ -464,15 +578,56 @@ def every(step: int, period: int) -> bool:
   return bool(period) and step % period == 0
 
 
-def check_finite(scalars: dict[str, Any], step: int, ckpt) -> None:
-  """Stops before a NaN/Inf state can be saved over good checkpoints."""
-  if np.isfinite(scalars['train/loss']) and np.isfinite(scalars['train/grad_norm']):
-    return
-  raise NonFiniteLossError(
-    f'step {step}: train/loss={scalars["train/loss"]}, '
-    f'train/grad_norm={scalars["train/grad_norm"]}; lower optim.lr or set optim.clip_norm. '
-    f'Checkpoints kept untouched: {ckpt.steps() or "none"}.'
-  )
+def uniform_loss(meta: dict[str, Any]) -> float:
+  """Cross-entropy of a uniform guess over the outputs: the scale of an untrained model's loss."""
+  return math.log(meta.get('vocab_size') or meta['num_classes'])
+
+
+class Health:
+  """Checks each logged or saved step before it is written; confirms healthy checkpoints."""
+
+  def __init__(self, uniform: float, ckpt):
+    self.uniform = uniform
+    self.ckpt = ckpt
+    self.recent: list[float] = []
+
+  def limit(self) -> float:
+    typical = statistics.median(self.recent) if self.recent else 0.0
+    return DIVERGENCE_FACTOR * max(self.uniform, typical)
+
+  def check(self, row: dict[str, Any], step: int, params_finite: bool) -> None:
+    """Raises NonFiniteLossError on NaN/Inf loss, gradient or weights, or an exploding loss.
+
+    train/loss at `step` is the loss of the state of step - 1 (and eval/loss that of `step`),
+    so a passing check confirms the checkpoints up to there.
+    """
+    loss, grad_norm = float(row['train/loss']), float(row['train/grad_norm'])
+    eval_loss = float(row.get('eval/loss', 0.0))
+    limit = self.limit()
+    problem = ''
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+      problem = f'train/loss={loss}, train/grad_norm={grad_norm}'
+    elif not params_finite:
+      problem = 'the weights hold NaN/Inf'
+    elif loss > limit or not eval_loss <= limit:
+      losses = {k: row[k] for k in ('train/loss', 'eval/loss') if k in row}
+      problem = (
+        ', '.join(f'{k}={float(v):.4g}' for k, v in losses.items())
+        + f' above the divergence limit {limit:.4g} ({DIVERGENCE_FACTOR:g} x max(uniform-guess '
+        f'loss {self.uniform:.4g}, median of the last {DIVERGENCE_WINDOW} checked losses))'
+      )
+    if not problem:
+      self.recent = [*self.recent, loss][-DIVERGENCE_WINDOW:]
+      self.ckpt.confirm(step if 'eval/loss' in row else step - 1)
+      return
+    moved = self.ckpt.set_aside_unconfirmed()
+    kept = self.ckpt.steps()
+    raise NonFiniteLossError(
+      f'step {step}: {problem}; lower optim.lr or set optim.clip_norm. '
+      f'Checkpoints kept: {kept or "none"}'
+      + (f'; unconfirmed ones moved to {", ".join(moved)}' if moved else '')
+      + '.'
+    )
 
 
 def throughput(exp: Experiment, step_time_s: float) -> dict[str, float]:

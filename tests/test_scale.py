@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 from test_train import assert_trees_equal, final_params, read_jsonl, tiny_config  # noqa: E402
 
-from sift_jax import config_lib, launch, sharding, train  # noqa: E402
+from sift_jax import config_lib, errors, launch, sharding, train  # noqa: E402
 from sift_jax.sparsity.plan import path_of  # noqa: E402
 
 # The `local` GPT with RigL: masks change at steps 2 and 4 of 6.
@@ -428,9 +428,9 @@ def test_no_good_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
   manifest = tmp_path / 'checkpoints' / '3' / 'sha256.json'
   digests = json.loads(manifest.read_text())
   manifest.write_text(json.dumps({k: '0' * 64 for k in digests}))
-  with pytest.raises(RuntimeError, match='no readable checkpoint'):
+  with pytest.raises(errors.UserError, match='no readable checkpoint'):
     train.train_and_evaluate(c, str(tmp_path))
-  assert os.listdir(tmp_path / 'checkpoints_corrupt') == ['3']
+  assert os.listdir(tmp_path / 'checkpoints') == ['3']  # nothing moved: nothing to fall back to
 
 
 if __name__ == '__main__':

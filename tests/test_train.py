@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import signal
@@ -13,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sift_jax import config_lib, train
+from sift_jax import config_lib, errors, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,12 +156,9 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
   c.optim.lr = 1e30  # step 1 is finite, its update blows the weights up
   with pytest.raises(train.NonFiniteLossError, match=r'step \d+: train/loss='):
     train.train_and_evaluate(c, str(tmp_path))
-  saved = sorted(os.listdir(tmp_path / 'checkpoints'))
-  assert saved and len(saved) < c.total_steps
-  import jax
-
-  for leaf in jax.tree.leaves(final_params(tmp_path)):
-    assert np.isfinite(leaf).all()
+  # Checkpoint 1 holds the weights whose loss is NaN: set aside, not left as the latest.
+  assert os.listdir(tmp_path / 'checkpoints') == []
+  assert os.listdir(tmp_path / 'checkpoints_diverged') == ['1']
 
 
 @pytest.mark.parametrize(
@@ -290,22 +289,32 @@ def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tmp_p
   assert_trees_equal(final_params(tmp_path / 'straight'), final_params(workdir))
 
 
-def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
-  flags = [
-    f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
-    '--config.data.name=digits',
-    '--config.model.hidden=(32,)',
-    '--config.total_steps=100000',
-    '--config.checkpoint_every_steps=100000',
-    '--config.log_every_steps=10',
-    f'--workdir={tmp_path}',
-  ]
-  proc = subprocess.Popen(
-    [sys.executable, '-m', 'sift_jax.main', *flags],
+def start_mlp_run(workdir, *flags: str) -> subprocess.Popen:
+  """`sift_jax.main` on the small digits MLP in the background, output captured."""
+  return subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'sift_jax.main',
+      f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
+      '--config.data.name=digits',
+      '--config.model.hidden=(32,)',
+      *flags,
+      f'--workdir={workdir}',
+    ],
     cwd=REPO,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+  )
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
+  proc = start_mlp_run(
+    tmp_path,
+    '--config.total_steps=100000',
+    '--config.checkpoint_every_steps=100000',
+    '--config.log_every_steps=10',
   )
   deadline = time.time() + 300
   metrics_file = tmp_path / 'metrics.jsonl'
@@ -339,3 +348,261 @@ def test_sparse_run_keeps_exact_density_and_exports_csr(tmp_path, rule):
   assert {k: v['nnz'] for k, v in index.items()} == {'hidden_0/kernel': 198, 'hidden_1/kernel': 53}
   dense = load_sparse(str(tmp_path / 'export'))
   assert (dense['hidden_0/kernel'] != 0).sum() <= 198
+
+
+# --------------------------------------------------------------------------- reliability
+
+
+def summary_of(workdir) -> dict:
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    return json.load(f)
+
+
+def test_rerun_of_a_finished_run_keeps_or_rebuilds_its_summary(tmp_path, capsys):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  with open(tmp_path / 'summary.json') as f:
+    original = f.read()
+  capsys.readouterr()
+  train.train_and_evaluate(c, str(tmp_path))
+  assert 'already finished at step 6; its outputs are left as they are' in capsys.readouterr().out
+  with open(tmp_path / 'summary.json') as f:
+    assert f.read() == original
+  # Killed after the final checkpoint, before summary.json: the rerun rebuilds it whole.
+  os.remove(tmp_path / 'summary.json')
+  train.train_and_evaluate(c, str(tmp_path))
+  assert 'rebuilt it' in capsys.readouterr().out
+  rebuilt, before = summary_of(tmp_path), json.loads(original)
+  for key in ('train/loss', 'eval/loss', 'eval/accuracy', 'sparsity/density', 'params/global_norm'):
+    assert rebuilt[key] == before[key], key
+  assert [r['step'] for r in read_jsonl(tmp_path / 'metrics.jsonl')] == [2, 3, 4, 6]
+
+
+def test_checkpoint_past_total_steps_is_refused(tmp_path):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  c.total_steps = 4
+  with pytest.raises(errors.UserError, match=r'holds step 6, past total_steps=4'):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def corrupt(folder) -> None:
+  """Flips a byte in the largest file a checkpoint's checksums cover."""
+  with open(folder / 'sha256.json') as f:
+    names = json.load(f)
+  name = max(names, key=lambda n: os.path.getsize(folder / n))
+  with open(folder / name, 'r+b') as f:
+    first = f.read(1)
+    f.seek(0)
+    f.write(bytes([first[0] ^ 0xFF]))
+
+
+def test_all_checkpoints_unreadable_is_refused_and_nothing_moves(tmp_path):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  os.remove(tmp_path / 'summary.json')
+  for step in ('3', '6'):
+    corrupt(tmp_path / 'checkpoints' / step)
+  for _ in range(2):  # the second rerun must not start over either
+    with pytest.raises(errors.UserError, match=r'no readable checkpoint.*To start over'):
+      train.train_and_evaluate(c, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+    assert not os.path.exists(tmp_path / 'checkpoints_corrupt')
+  # Checkpoints set aside (by hand or by an older version): still no silent restart.
+  os.rename(tmp_path / 'checkpoints', tmp_path / 'checkpoints_corrupt')
+  with pytest.raises(errors.UserError, match=r'refusing to start over from step 0'):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_and_is_moved_aside(tmp_path):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  os.remove(tmp_path / 'summary.json')
+  corrupt(tmp_path / 'checkpoints' / '6')
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary['resumed_from_step'] == 3
+  assert os.listdir(tmp_path / 'checkpoints_corrupt') == ['6']
+
+
+def test_divergence_without_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  c = tiny_config()
+  c.optim.lr = 5.0  # loss 2.6, 19, 364: finite, exploding from step 3
+  c.total_steps = 12
+  c.log_every_steps = c.checkpoint_every_steps = 1
+  c.checkpoint.keep = 1
+  with pytest.raises(train.NonFiniteLossError, match=r'step 3: train/loss=36\d.* divergence limit'):
+    train.train_and_evaluate(c, str(tmp_path))
+  # Checkpoint 2 was saved with the weights that gave loss 364: set aside, 1 kept despite keep=1.
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  assert os.listdir(tmp_path / 'checkpoints_diverged') == ['2']
+  result = train.train_and_evaluate(c, str(tmp_path), mode='eval')
+  assert result['step'] == 1 and np.isfinite(result['eval/loss'])
+  assert [r['step'] for r in read_jsonl(tmp_path / 'metrics.jsonl')] == [1, 2]
+
+
+def test_eval_of_a_non_finite_state_fails(tmp_path, monkeypatch):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  monkeypatch.setattr(
+    train, 'evaluate', lambda *a: {'eval/loss': float('nan'), 'eval/accuracy': 0.1}
+  )
+  with pytest.raises(train.NonFiniteLossError, match=r'eval/loss=nan at step 6'):
+    train.train_and_evaluate(c, str(tmp_path), mode='eval')
+
+
+def test_a_checkpoint_of_another_shape_is_a_config_error(tmp_path):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  os.remove(tmp_path / 'config.json')
+  os.remove(tmp_path / 'summary.json')
+  c.model.hidden = (33,)
+  with pytest.raises(errors.UserError) as info:
+    train.train_and_evaluate(c, str(tmp_path))
+  message = str(info.value)
+  assert 'params/hidden_0/kernel: checkpoint (64, 32) float32, model (64, 33) float32' in message
+  assert 'Traceback' not in message and '\n' not in message
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
+  assert not os.path.exists(tmp_path / 'checkpoints_corrupt')
+
+
+def test_resume_keeps_one_row_per_step_and_says_where_it_resumed(tmp_path, capsys):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  first = read_jsonl(tmp_path / 'metrics.jsonl')
+  # As after a kill between checkpoints 3 and 6: steps 4..6 are replayed.
+  import shutil
+
+  shutil.rmtree(tmp_path / 'checkpoints' / '6')
+  os.remove(tmp_path / 'summary.json')
+  capsys.readouterr()
+  train.train_and_evaluate(c, str(tmp_path))
+  assert 'resumed from step 3 of 6' in capsys.readouterr().out
+  rows = read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in rows] == [2, 3, 4, 6]
+  assert [r['train/loss'] for r in rows] == [r['train/loss'] for r in first]
+
+
+def test_progress_prints_eval_results_and_eval_mode_prints_its_result(tmp_path, capsys):
+  c = tiny_config()
+  c.progress = True
+  train.train_and_evaluate(c, str(tmp_path))
+  lines = capsys.readouterr().out.splitlines()
+  evals = [line for line in lines if ' eval ' in line]
+  assert [line.split()[1] for line in evals] == ['3/6', '6/6'], lines
+  assert 'accuracy' in evals[0] and 'loss' in evals[0]
+  result = train.train_and_evaluate(c, str(tmp_path), mode='eval')
+  out = capsys.readouterr().out
+  assert f'eval at step 6: accuracy {result["eval/accuracy"]:.4g}' in out
+  with open(tmp_path / 'eval.json') as f:
+    assert json.load(f) == result
+  assert [r['step'] for r in read_jsonl(tmp_path / 'metrics.jsonl')] == [2, 3, 4, 6]
+
+
+def test_a_workdir_that_is_a_file_is_one_clear_error(tmp_path):
+  path = tmp_path / 'file'
+  path.write_text('x')
+  with pytest.raises(errors.WorkdirError, match=rf'--workdir={path} is a file, not a folder'):
+    train.train_and_evaluate(tiny_config(), str(path))
+
+
+@pytest.mark.parametrize(
+  'where, code, message',
+  [
+    ('config', errno.EROFS, 'the file system is read-only. Make it writable'),
+    ('config', errno.EACCES, 'it is not writable. Make it writable'),
+    ('metrics', errno.ENOSPC, 'the disk is full. Free space on it'),
+    ('checkpoint', errno.ENOSPC, 'the disk is full. Free space on it'),
+  ],
+)
+def test_unwritable_workdir_and_full_disk_are_one_clear_error(
+  tmp_path, monkeypatch, where, code, message
+):
+  from sift_jax import checkpointing
+  from sift_jax import metrics as metrics_lib
+
+  def fail(path, *args, **kwargs):
+    raise OSError(code, os.strerror(code), str(path))
+
+  if where == 'config':
+    monkeypatch.setattr(metrics_lib, 'write_json', fail)
+  elif where == 'metrics':
+    monkeypatch.setattr(metrics_lib.MetricWriter, 'write', lambda self, step, row: fail(tmp_path))
+  else:  # inside orbax's save, on its background thread
+    monkeypatch.setattr(checkpointing, '_write_json_atomic', fail)
+  with pytest.raises(errors.WorkdirError) as info:
+    train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert f'cannot write {tmp_path}' in str(info.value)
+  # The same errno on a file outside the workdir (a dataset, say) is not a workdir problem.
+  assert errors.workdir_error(OSError(code, 'x', '/elsewhere/data.gz'), str(tmp_path)) is None
+  assert message in str(info.value)
+  assert 'rerunning the same command resumes' in str(info.value)
+
+
+def test_sigterm_after_the_final_checkpoint_finishes_the_run_and_exits_zero(tmp_path):
+  total = 40
+  proc = start_mlp_run(
+    tmp_path,
+    f'--config.total_steps={total}',
+    f'--config.checkpoint_every_steps={total}',
+    '--config.eval.max_examples=64',
+  )
+  ckpts = tmp_path / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if (ckpts / str(total)).exists():  # renamed into place: the save is complete
+      break
+    time.sleep(0.002)
+  assert proc.poll() is None, 'the run ended before the final save could be interrupted'
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert summary_of(tmp_path)['eval/accuracy'] > 0
+  assert os.listdir(ckpts) == [str(total)]
+
+
+def test_a_full_disk_during_a_save_is_one_line_on_the_console(tmp_path):
+  script = f"""
+import errno, os, sys
+from absl import app
+from sift_jax import checkpointing, main
+
+def full(path, *args):
+  raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+checkpointing._write_json_atomic = full  # runs inside orbax's save, on its thread
+sys.argv = ['main', '--config={REPO}/configs/mlp_fashion_mnist.py:local',
+            '--config.data.name=digits', '--config.total_steps=4',
+            '--config.checkpoint_every_steps=2', '--workdir={tmp_path}']
+app.run(main.main)
+"""
+  out = subprocess.run(
+    [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=600
+  )
+  assert out.returncode == 2, out.stderr[-3000:]
+  lines = [line for line in out.stderr.splitlines() if not line.startswith(('I0000', 'W0000'))]
+  assert len(lines) == 1, out.stderr[-3000:]
+  assert lines[0].startswith(f'error: cannot write {tmp_path}/checkpoints/2.orbax-checkpoint-tmp')
+  assert 'the disk is full' in lines[0]
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_in_a_file(monkeypatch):
+  from sift_jax import metrics as metrics_lib
+
+  class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+      return True
+
+  row = {'train/loss': 2.5, 'train/lr': 0.1, 'train/examples_per_s': 100.0}
+  outputs = {}
+  for name, stream in (('file', io.StringIO()), ('terminal', Terminal())):
+    monkeypatch.setattr(sys, 'stdout', stream)
+    with metrics_lib.Progress(10, 0, 'examples') as progress:
+      progress.update(5, row)
+      progress.update(10, {**row, 'eval/loss': 1.25, 'eval/accuracy': 0.5})
+    outputs[name] = stream.getvalue()
+  lines = outputs['file'].splitlines()
+  assert '\r' not in outputs['file'] and len(lines) == 2
+  assert lines[0].startswith('step 5/10  loss 2.5000  100 examples/s  lr 0.1  ETA ')
+  assert 'eval accuracy 0.5  loss 1.25' in lines[1]
+  assert '\r' in outputs['terminal'] and '10/10' in outputs['terminal']  # a tqdm bar
+  assert 'step 10/10  eval accuracy 0.5  loss 1.25\n' in outputs['terminal']
