@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 _DENSITY_PREFIX = 'sparsity/density/'
+EXECUTIONS = ('masked', 'block_sparse')
 
 
 def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_paths=None) -> Rule:
@@ -54,6 +55,9 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
     raise ValueError(
       f'sparsity.backward_level={s.backward_level} is above sparsity.level={s.level}'
     )
+  execution = s.get('execution', 'masked')
+  if execution not in EXECUTIONS:
+    raise ValueError(f'sparsity.execution={execution!r}; allowed: {", ".join(EXECUTIONS)}')
   if s.rule == 'dense' and s.level > 0:
     raise ValueError(f'sparsity.rule=dense with sparsity.level={s.level}; pick a sparse rule')
   if config.sift.name != 'dense' and s.distribution != 'uniform':
@@ -71,6 +75,7 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
       s.overrides,
       float(s.power_scale),
       tuple(int(b) for b in s.block_shape),
+      balanced=bool(s.get('balanced', False)) or execution == 'block_sparse',
     )
   return cls(config, params_shapes, layers)
 

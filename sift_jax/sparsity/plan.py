@@ -3,7 +3,8 @@
 A plan is computed once on the host from the params' shapes: the sparse leaves (by position
 in the flattened params tree), their names ('Dense_0/kernel'), shapes, block shape and the
 exact active count round((1 - s_l) * n_l) of each layer, with s_l from a distribution
-(`uniform`, `erk`) plus per-layer overrides.
+(`uniform`, `erk`) plus per-layer overrides. A balanced plan (block-sparse execution) keeps
+round((1 - s_l) * rows) active blocks in every output block-column instead.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Layer:
   block: tuple[int, int]
   sparsity: float
   active_blocks: int
+  balanced: bool = False  # the same number of active blocks in every output block-column
 
   @property
   def size(self) -> int:
@@ -78,6 +80,11 @@ class Layer:
   @property
   def blocks(self) -> int:
     return select.num_blocks(self.shape, self.block)
+
+  @property
+  def columns(self) -> int:
+    """Output block-columns: the last axis in blocks."""
+    return self.shape[-1] // self.block[1]
 
   @property
   def block_size(self) -> int:
@@ -148,8 +155,11 @@ def make_plan(
   overrides: str = '',
   power_scale: float = 1.0,
   block: tuple[int, int] = (1, 1),
+  balanced: bool = False,
 ) -> list[Layer]:
   """The sparse layers of a params tree (shapes or arrays) with their exact active counts.
+
+  `balanced` counts per output block-column: round((1 - s_l) * blocks per column) in each.
 
   `sparse_paths` are the kernels the model declares sparse (a leading 'params' is ignored);
   None applies the default filter. An override `pattern=s` sets a layer's sparsity (making it
@@ -190,5 +200,9 @@ def make_plan(
       continue
     select.check_block(shapes[i], block, names[i])
     nb = select.num_blocks(shapes[i], block)
-    layers.append(Layer(i, names[i], shapes[i], block, levels[i], exact_count(1 - levels[i], nb)))
+    cols = shapes[i][-1] // block[1]
+    active = (
+      cols * exact_count(1 - levels[i], nb // cols) if balanced else exact_count(1 - levels[i], nb)
+    )
+    layers.append(Layer(i, names[i], shapes[i], block, levels[i], active, balanced))
   return layers
