@@ -297,6 +297,12 @@ class Experiment:
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   """Checks the config and builds mesh, data, model, optimizer, sparsity rule and FLOP count."""
   validate_config(config)
+  if config.sparsity.get('execution', 'masked') != 'masked':
+    raise NotImplementedError(
+      f'sparsity.execution={config.sparsity.execution!r}: the trainer runs masked execution only '
+      'so far (block-sparse layers and state conversion are in sift_jax.sparse_layers); use '
+      'sparsity.execution=masked, with sparsity.balanced=True for the same balanced block masks'
+    )
   mesh = sharding.make_mesh(config)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval.batch_size or config.batch_size, mesh, 'eval.batch_size')

@@ -13,7 +13,7 @@ import optax
 import pytest
 from test_sparsity import Harness
 
-from sift_jax import config_lib, models, sparse_layers, sparsity
+from sift_jax import config_lib, models, sparse_layers, sparsity, train
 from sift_jax.sift import sizes
 from sift_jax.sparse_layers import block_dense
 from sift_jax.sparsity import select
@@ -407,3 +407,10 @@ def test_model_trains_step_for_step_like_masked_and_resumes_across_modes(name):
   pm2, _, loss_m2 = masked(back, ob_dense, sstate, 2)
   np.testing.assert_allclose(loss_b2, loss_m2, rtol=1e-5)
   assert_trees_close(sparse_layers.to_masked_state(pb2, rows, params)[0], pm2)
+
+
+def test_trainer_refuses_block_sparse_execution_until_integrated():
+  c = config_lib.base_config()
+  c.sparsity.execution = 'block_sparse'
+  with pytest.raises(NotImplementedError, match="execution='block_sparse': the trainer runs mask"):
+    train.build_experiment(c)
