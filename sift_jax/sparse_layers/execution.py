@@ -80,24 +80,27 @@ def _map_params_like(fn, params: Any, tree: Any) -> Any:
 
 
 def to_block_state(
-  params: Any, masks: Any, block: tuple[int, int], *others: Any
+  params: Any, masks: Any, block: tuple[int, int], *others: Any, counts: Any = None
 ) -> tuple[Any, Any, list[Any]]:
   """(dense params, balanced masks) -> (params with blocks at the masked kernels, rows, others).
 
   In `others` (e.g. an optimizer state) every params-shaped subtree is converted the same way.
-  Runs on concrete masks: each is checked to be balanced with whole blocks, which fixes its K.
+  `counts` (params-shaped, K per masked kernel, None elsewhere) fixes the shapes, so this runs
+  under jit; without it the masks must be concrete and each is checked to be balanced with
+  whole blocks, which gives its K.
   """
   flat_m = jax.tree.leaves(masks, is_leaf=_is_none)
   treedef = jax.tree.structure(masks, is_leaf=_is_none)
   paths = [_keys(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  given = [None] * len(flat_m) if counts is None else jax.tree.leaves(counts, is_leaf=_is_none)
   rows, counts = [], []
-  for path, m, p in zip(paths, flat_m, jax.tree.leaves(params), strict=True):
+  for path, m, p, k in zip(paths, flat_m, jax.tree.leaves(params), given, strict=True):
     if m is None:
       rows.append(None)
       counts.append(None)
       continue
     check_dense_kernel(tuple(p.shape), block, '/'.join(path))
-    k = check_balanced(m, block)
+    k = check_balanced(m, block) if k is None else k
     rows.append(from_masked(p, m, block, k)[1])
     counts.append(k)
 
