@@ -131,7 +131,8 @@ def test_rules_that_cannot_keep_balance_say_so(rule):
 
 def test_block_sparse_execution_implies_balanced_and_bad_name_raises():
   h = Harness('static', widths=(8, 4), d_in=6, level=0.5, execution='block_sparse')
-  assert h.rule.layers[0].balanced
+  assert isinstance(h.rule, blocked.BlockRule) and h.rule.layers[0].balanced
+  assert h.params['fc0']['kernel'].shape == (8, 3, 1, 1)  # 8 columns, K = 3 of 6 rows stored
   with pytest.raises(ValueError, match="execution='sparse'; allowed: masked, block_sparse"):
     Harness('static', widths=(8, 4), d_in=6, level=0.5, execution='sparse')
 
@@ -320,7 +321,7 @@ def model_case(name: str):
   c.sparsity.rule = 'static'
   c.sparsity.level = 0.5
   c.sparsity.block_shape = (16, 16)
-  c.sparsity.execution = 'block_sparse'
+  c.sparsity.balanced = True
   rng = np.random.default_rng(0)
   if name == 'mlp':
     c.model = models.model_config('mlp', hidden=(64, 32))
@@ -442,7 +443,7 @@ def test_dynamic_rules_on_block_state_match_masked_step_for_step(rule):
     grads = jax.grad(loss)(params_b, sstate_b['rows'])
     updates, opt_state = h.tx.update(grads, opt_state, params_b)
     new = optax.apply_updates(params_b, updates)
-    return brule.update(sstate_b, new, opt_state, step, None, jax.grad(loss), params_b)
+    return brule.update(sstate_b, new, grads, opt_state, step, None, (jax.grad(loss), params_b))
 
   sstate_b, params_b, opt_b = brule.pack(*h.start)
   changed = 0

@@ -57,12 +57,15 @@ def to_masked(
   """(values (C, K, bi, bo), rows (C, K)) -> (dense kernel (D_in, D_out), bool mask)."""
   _, _, bi, bo = values.shape
   r, c = grid(shape, (bi, bo))
-  cols = _col_index(rows)
-  kernel = jnp.zeros((r, c, bi, bo), values.dtype).at[rows, cols].set(values)  # (R, C, bi, bo)
-  mask = jnp.zeros((r, c), bool).at[rows, cols].set(True)  # (R, C)
-  kernel = kernel.transpose(0, 2, 1, 3).reshape(shape)
-  mask = jnp.repeat(jnp.repeat(mask, bi, axis=0), bo, axis=1)
-  return kernel, mask
+  kernel = jnp.zeros((r, c, bi, bo), values.dtype).at[rows, _col_index(rows)].set(values)
+  return kernel.transpose(0, 2, 1, 3).reshape(shape), rows_mask(rows, shape, (bi, bo))
+
+
+def rows_mask(rows: jax.Array, shape: tuple[int, int], block: tuple[int, int]) -> jax.Array:
+  """The bool (D_in, D_out) mask of the blocks at block-rows `rows` (C, K)."""
+  r, c = grid(shape, block)
+  mask = jnp.zeros((r, c), bool).at[rows, _col_index(rows)].set(True)  # (R, C)
+  return jnp.repeat(jnp.repeat(mask, block[0], axis=0), block[1], axis=1)
 
 
 def from_masked(

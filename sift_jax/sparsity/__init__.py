@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from sift_jax.registry import DISTRIBUTIONS, RULES
-from sift_jax.sparsity import rules
+from sift_jax.sparsity import blocked, rules
 from sift_jax.sparsity.export import export_sparse, load_sparse
 from sift_jax.sparsity.plan import check_level, make_plan, path_of
 from sift_jax.sparsity.rules import Rule
@@ -41,6 +41,9 @@ EXECUTIONS = ('masked', 'block_sparse')
 
 def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_paths=None) -> Rule:
   """The update rule `config.sparsity.rule` over a params tree of shapes (or arrays).
+
+  With sparsity.execution=block_sparse the rule comes wrapped in `blocked.BlockRule`, whose
+  state holds the sparse kernels as blocks (see sift_jax.sparsity.blocked).
 
   `sparse_paths` are the kernels the model declares sparse (tuples of keys, relative to the
   params tree); None applies the default filter of SPEC.md section 2. Raises ValueError on bad
@@ -77,7 +80,8 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
       tuple(int(b) for b in s.block_shape),
       balanced=bool(s.get('balanced', False)) or execution == 'block_sparse',
     )
-  return cls(config, params_shapes, layers)
+  rule = cls(config, params_shapes, layers)
+  return blocked.BlockRule(rule) if execution == 'block_sparse' else rule
 
 
 def masks_of(sstate: dict[str, Any]) -> Any:
