@@ -12,6 +12,7 @@ import numpy as np
 import optax
 import pytest
 from test_sparsity import Harness
+from test_train import assert_trees_equal, final_params, read_jsonl, tiny_config
 
 from sift_jax import config_lib, models, sparse_layers, sparsity, train
 from sift_jax.sift import sizes
@@ -410,65 +411,55 @@ def test_model_trains_step_for_step_like_masked_and_resumes_across_modes(name):
   assert_trees_close(sparse_layers.to_masked_state(pb2, rows, params)[0], pm2)
 
 
-def test_trainer_refuses_block_sparse_execution_until_integrated():
-  c = config_lib.base_config()
-  c.sparsity.execution = 'block_sparse'
-  with pytest.raises(NotImplementedError, match="execution='block_sparse': the trainer runs mask"):
-    train.build_experiment(c)
-
-
-# ----- dynamic rules over block-sparse state
-
-
-@pytest.mark.parametrize('rule', ['rigl', 'set'])
-def test_dynamic_rules_on_block_state_match_masked_step_for_step(rule):
-  h = Harness(
-    rule,
-    widths=(48, 5),
-    d_in=32,
-    level=0.5,
+def block_run_config(execution: str, total_steps: int = 6, family: str = 'mlp', rule: str = 'rigl'):
+  """A tiny run of tests/test_train.py under a dynamic rule on balanced (16, 16) blocks."""
+  c = tiny_config(family, f'local,sparsity=0.5,rule={rule}')
+  c.sparsity.update(
     block_shape=(16, 16),
     balanced=True,
+    execution=execution,
+    update_every_steps=2,
+    end_fraction=1.0,  # updates at steps 2 and 4 whether the run is 3 or 6 steps long
     drop_fraction=0.5,
-    tx=optax.sgd(0.1, momentum=0.9),
+    drop_schedule='constant',
   )
-  brule = blocked.BlockRule(h.rule)
-
-  def loss(p, rows=None):
-    with sparse_layers.block_execution(rows) if rows is not None else contextlib.nullcontext():
-      return jnp.mean((h.model.apply({'params': p}, h.x) - h.y) ** 2)
-
-  @jax.jit
-  def block_step(sstate_b, params_b, opt_state, step):
-    grads = jax.grad(loss)(params_b, sstate_b['rows'])
-    updates, opt_state = h.tx.update(grads, opt_state, params_b)
-    new = optax.apply_updates(params_b, updates)
-    return brule.update(sstate_b, new, grads, opt_state, step, None, (jax.grad(loss), params_b))
-
-  sstate_b, params_b, opt_b = brule.pack(*h.start)
-  changed = 0
-  for i, sstate, params, opt_state in h.run(7):
-    got = brule.unpack(sstate_b, params_b, opt_b)
-    np.testing.assert_array_equal(
-      got[0]['masks']['fc0']['kernel'], sstate['masks']['fc0']['kernel']
-    )
-    assert_trees_close(got[1], params)
-    # Momentum agrees where weights are active; masked execution keeps a decaying (never used,
-    # zeroed on regrowth) momentum at inactive positions that block storage does not hold.
-    active = lambda opt, masks: h.rule._map(lambda u, m: jnp.where(m, u, 0.0), opt[0].trace, masks)
-    assert_trees_close(active(got[2], sstate['masks']), active(opt_state, sstate['masks']))
-    changed += int(
-      (
-        np.asarray(sstate_b['rows']['fc0']['kernel'])
-        != np.asarray(brule.pack(*h.start)[0]['rows']['fc0']['kernel'])
-      ).any()
-    )
-    sstate_b, params_b, opt_b = block_step(sstate_b, params_b, opt_b, i)
-  assert changed  # the pattern moved, with the same shapes (one compile)
-  assert block_step._cache_size() == 1
+  c.log_every_steps = 1
+  c.total_steps = total_steps
+  return c
 
 
-def test_block_rule_refuses_rules_that_do_not_run_block_sparse():
-  h = Harness('topkast', widths=(8, 4), d_in=6, level=0.5, balanced=True)
-  with pytest.raises(ValueError, match='TopKAST does not run block-sparse.*static, set, rigl'):
-    blocked.BlockRule(h.rule)
+@pytest.mark.parametrize(
+  'family,rule', [('mlp', 'rigl'), pytest.param('gpt', 'set', marks=pytest.mark.slow)]
+)
+def test_trainer_block_sparse_matches_masked_step_for_step_and_resumes(tmp_path, family, rule):
+  run = lambda execution, n=6: block_run_config(execution, n, family, rule)
+  masked = train.train_and_evaluate(run('masked'), str(tmp_path / 'masked'))
+  block = train.train_and_evaluate(run('block_sparse'), str(tmp_path / 'block'))
+  rows = {n: read_jsonl(tmp_path / n / 'metrics.jsonl') for n in ('masked', 'block')}
+  np.testing.assert_allclose(
+    [r['train/loss'] for r in rows['block']], [r['train/loss'] for r in rows['masked']], rtol=1e-5
+  )
+  assert [r['sparsity/churn'] for r in rows['block']] == [
+    r['sparsity/churn'] for r in rows['masked']
+  ]
+  assert max(r['sparsity/churn'] for r in rows['block']) > 0  # RigL moved blocks
+  np.testing.assert_allclose(block['eval/loss'], masked['eval/loss'], rtol=1e-5)
+  for key in ('params/total', 'params/active', 'sparsity/layer_density'):
+    assert block[key] == masked[key], key
+  if family == 'mlp':
+    stored = final_params(tmp_path / 'block')['hidden_0']['kernel']
+    assert stored.shape == (2, 2, 16, 16)  # (C, K, bi, bo): 2 of 4 block-rows per column
+
+  half = train.train_and_evaluate(run('block_sparse', 3), str(tmp_path / 'resumed'))
+  assert half['resumed_from_step'] == 0
+  resumed = train.train_and_evaluate(run('block_sparse'), str(tmp_path / 'resumed'))
+  assert resumed['resumed_from_step'] == 3
+  assert_trees_equal(final_params(tmp_path / 'block'), final_params(tmp_path / 'resumed'))
+  assert resumed['train/loss'] == block['train/loss']
+
+
+def test_trainer_refuses_block_sparse_convolutions():
+  c = tiny_config('resnet', 'local,sparsity=0.5,rule=static')
+  c.sparsity.execution = 'block_sparse'
+  with pytest.raises(ValueError, match=r'Dense \(2-D\) kernels only; .*conv.*unsupported'):
+    train.build_experiment(c)
