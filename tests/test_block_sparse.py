@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -14,7 +15,7 @@ import pytest
 from test_sparsity import Harness
 from test_train import assert_trees_equal, final_params, read_jsonl, tiny_config
 
-from sift_jax import config_lib, models, sparse_layers, sparsity, train
+from sift_jax import config_lib, models, sharding, sparse_layers, sparsity, train
 from sift_jax.sift import sizes
 from sift_jax.sparse_layers import block_dense
 from sift_jax.sparsity import blocked, select
@@ -463,3 +464,30 @@ def test_trainer_refuses_block_sparse_convolutions():
   c.sparsity.execution = 'block_sparse'
   with pytest.raises(ValueError, match=r'Dense \(2-D\) kernels only; .*conv.*unsupported'):
     train.build_experiment(c)
+
+
+def dense_weight_dots(hlo: str, shape: tuple[int, int]) -> list[str]:
+  """The dot instructions of compiled HLO text that read or produce an array of `shape`,
+  outside the branches of a conditional (RigL's update step runs in one)."""
+  dims = {}  # instruction name -> its array dims (names are unique in an HLO module)
+  for m in re.finditer(r'%([\w.\-]+) = \w+\[([\d,]*)\]', hlo):
+    dims[m.group(1)] = tuple(int(d) for d in m.group(2).split(',') if d)
+  found = []
+  for line in hlo.splitlines():
+    m = re.search(r'%([\w.\-]+) = \w+\[[\d,]*\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)', line)
+    if m and '/cond/branch_' not in line and shape in {dims.get(n) for n in m.groups()}:
+      found.append(line.strip()[:120])
+  return found
+
+
+@pytest.mark.parametrize('rule', ['static', 'rigl'])
+def test_compiled_block_sparse_step_has_no_dot_of_the_full_weight(rule):
+  found = {}
+  for execution in ('masked', 'block_sparse'):
+    c = block_run_config(execution, rule=rule)
+    exp = train.build_experiment(c)
+    batch = sharding.global_batch(exp.mesh, exp.dataset.train_batch(0))
+    hlo = exp.train_step().lower(exp.new_state(), batch).compile().as_text()
+    found[execution] = dense_weight_dots(hlo, (64, 32))  # hidden_0/kernel, the sparse layer
+  assert found['masked']  # the check can see them: masked execution multiplies the full kernel
+  assert found['block_sparse'] == []
