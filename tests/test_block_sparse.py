@@ -457,6 +457,8 @@ def test_trainer_block_sparse_matches_masked_step_for_step_and_resumes(tmp_path,
   assert resumed['resumed_from_step'] == 3
   assert_trees_equal(final_params(tmp_path / 'block'), final_params(tmp_path / 'resumed'))
   assert resumed['train/loss'] == block['train/loss']
+  with pytest.raises(ValueError, match='holds block-sparse state'):
+    sparsity.export.export_checkpoint(str(tmp_path / 'block'), str(tmp_path / 'exported'))
 
 
 def test_trainer_refuses_block_sparse_convolutions():
