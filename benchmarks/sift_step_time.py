@@ -2,11 +2,14 @@
 
   python benchmarks/sift_step_time.py                        # GPT and ResNet local configs
   python benchmarks/sift_step_time.py --models=gpt --levels=0.5 --steps=5
+  python benchmarks/sift_step_time.py --models=gpt --executions=masked,block_sparse --blocks=32,64
 
 Every member at every level runs in this one process, timed like benchmarks/step_time.py (median
 of windows after compilation). Masks are simulated (dense matmuls on masked weights), so a wide
 member costs about 1/(1-s) x dense here while its FLOP ratio is ~1: the baseline sparse kernels
-must beat.
+must beat. `--executions=block_sparse` adds rows with the sparse Dense kernels stored and run as
+balanced blocks of each `--blocks` size (sparsity.execution=block_sparse; ResNet has no
+block-sparse form, and a block that does not tile a member's kernels is reported as n/a).
 """
 
 from __future__ import annotations
@@ -28,14 +31,32 @@ CONFIGS = {'gpt': 'configs/gpt_small_dense.py', 'resnet': 'configs/resnet18_cifa
 _MODELS = flags.DEFINE_list('models', list(CONFIGS), f'Models, from {list(CONFIGS)}.')
 _LEVELS = flags.DEFINE_list('levels', ['0.5', '0.75'], 'Sparsity levels.')
 _MEMBERS = flags.DEFINE_list('members', list(report.MEMBERS), 'Sparse-IFT members.')
+_EXECUTIONS = flags.DEFINE_list('executions', ['masked'], 'masked and/or block_sparse.')
+_BLOCKS = flags.DEFINE_list('blocks', ['32', '64', '128'], 'Square block sizes (block_sparse).')
 
 
-def add_case(model: str, member: str, level: float) -> str:
-  """Registers a case in step_time's table and returns its name."""
-  name = f'{model}_{member}_{level:g}'
+def add_case(model: str, member: str, level: float, block: int = 0) -> str:
+  """Registers a case in step_time's table and returns its name; block > 0 runs block-sparse."""
+  name = f'{model}_{member}_{level:g}' + (f'_block{block}' if block else '')
   arg = 'local' if member == 'dense' else f'local,sift={member},sparsity={level}'
-  step_time.CASES[name] = (CONFIGS[model], arg, {})
+  overrides = {}
+  if block:
+    overrides = {'sparsity.execution': 'block_sparse', 'sparsity.block_shape': (block, block)}
+  step_time.CASES[name] = (CONFIGS[model], arg, overrides)
   return name
+
+
+def step_seconds(name: str, peak: float) -> float:
+  """The median step time of a case under the first XLA variant of --variants."""
+  return step_time.measure(name, peak)[step_time._VARIANTS.value[0]]['step_time_s']
+
+
+def executions(model: str, member: str) -> list[tuple[str, int]]:
+  """(label, block) of each execution row of a member: masked is block 0."""
+  rows = [('masked', 0)] if 'masked' in _EXECUTIONS.value else []
+  if 'block_sparse' in _EXECUTIONS.value and member != 'dense' and model != 'resnet':
+    rows += [(f'block {b}', int(b)) for b in _BLOCKS.value]
+  return rows
 
 
 def flop_ratio(name: str) -> float:
@@ -52,22 +73,28 @@ def main(argv):
   peak = 1.0  # MFU is not reported here; only ratios measured in this process
   print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, heap kept: {heap}')
   print(
-    f'{"model":<7} {"member":<11} {"s":>5} {"step ms":>9} {"time/dense":>11} {"FLOPs/dense":>12}'
+    f'{"model":<7} {"member":<11} {"s":>5} {"execution":<10} {"step ms":>9} {"time/dense":>11} '
+    f'{"FLOPs/dense":>12}'
   )
   for model in _MODELS.value:
     if model not in CONFIGS:
       raise ValueError(f'unknown model {model!r}; known: {", ".join(CONFIGS)}')
-    dense = step_time.measure(add_case(model, 'dense', 0.0), peak)['step_time_s']
-    print(f'{model:<7} {"dense":<11} {0:5g} {1e3 * dense:9.1f} {1:11.2f} {1:12.3f}', flush=True)
+    dense = step_seconds(add_case(model, 'dense', 0.0), peak)
+    print(
+      f'{model:<7} {"dense":<11} {0:5g} {"masked":<10} {1e3 * dense:9.1f} {1:11.2f} {1:12.3f}',
+      flush=True,
+    )
     for level in map(float, _LEVELS.value):
       for member in _MEMBERS.value:
-        name = add_case(model, member, level)
-        t = step_time.measure(name, peak)['step_time_s']
-        print(
-          f'{model:<7} {member:<11} {level:5g} {1e3 * t:9.1f} {t / dense:11.2f} '
-          f'{flop_ratio(name):12.3f}',
-          flush=True,
-        )
+        for label, block in executions(model, member):
+          name = add_case(model, member, level, block)
+          head = f'{model:<7} {member:<11} {level:5g} {label:<10}'
+          try:
+            t = step_seconds(name, peak)
+          except ValueError as e:  # a block that does not tile this member's kernels
+            print(f'{head} n/a: {e}', flush=True)
+            continue
+          print(f'{head} {1e3 * t:9.1f} {t / dense:11.2f} {flop_ratio(name):12.3f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -119,6 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sparsity.power_scale = 1.0  # ERK: density ~ (sum(shape) / prod(shape)) ** power_scale
   c.sparsity.overrides = ''  # per-layer sparsity: 'glob=s,glob=s' on names like Dense_0/kernel
   c.sparsity.block_shape = (1, 1)  # mask blocks over a kernel's last two axes; (1, 1) unstructured
+  c.sparsity.balanced = False  # the same number of active blocks in every output block-column
+  c.sparsity.execution = 'masked'  # masked | block_sparse (balanced blocks, Dense kernels only)
   c.sparsity.init_rescale = False  # scale init by each unit's actual fan-in (GSE paper: True)
   c.sparsity.topkast_penalty = 1e-4  # lambda of the exploration penalty
   c.sparsity.topkast_every_steps = 100  # N: sets A and B recomputed every N steps

@@ -40,6 +40,7 @@ from sift_jax import metrics as metrics_lib
 from sift_jax.config_lib import RUN_LENGTH_KEYS
 from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.sift import report as sift_report
+from sift_jax.sparsity import blocked
 from sift_jax.state import TrainState
 
 MODES = ('train', 'eval')
@@ -155,20 +156,27 @@ def make_train_step(model, tx, schedule, rule, kind: str, c: ml_collections.Conf
 
     # A Python loop, not lax.scan: XLA:CPU runs the convolutions of a scan body up to 20x
     # slower (benchmarks/step_time.py), and accumulation counts are small.
+    def grads_at(w, i, model_state, perts):  # value and grads of microbatch i at weights w
+      batch_i = jax.tree.map(lambda v: v[i], micro)
+      return grad_fn(w, perts, model_state, batch_i, jax.random.fold_in(rng, i))
+
     model_state, g_fwd, loss, correct, captured = state.model_state, None, 0.0, 0.0, []
     for i in range(accum):
-      (loss_i, (model_state, acc, inputs)), (g, g_out) = grad_fn(
-        fwd,
-        perts,
-        model_state,
-        jax.tree.map(lambda v, i=i: v[i], micro),
-        jax.random.fold_in(rng, i),
-      )
+      with blocked.execute(rule, state.sparsity):  # block-sparse layers, or nothing
+        (loss_i, (model_state, acc, inputs)), (g, g_out) = grads_at(fwd, i, model_state, perts)
       g_fwd = g if g_fwd is None else jax.tree.map(jnp.add, g_fwd, g)
       loss, correct = loss + loss_i, correct + acc
       captured.append((inputs, g_out))
     g_fwd = jax.tree.map(lambda g: g / accum, g_fwd)
     aux = None
+    if isinstance(rule, blocked.BlockRule):
+      # Block-sparse execution: the masked rule's dense gradient, of the same batch and weights,
+      # computed by the rule on its update steps only.
+      def dense_grad(w):
+        gs = [grads_at(w, i, state.model_state, None)[1][0] for i in range(accum)]
+        return jax.tree.map(lambda *g: sum(g) / accum, *gs)
+
+      aux = (dense_grad, state.params)
     if rule.needs_aux:
       # Rows of all microbatches side by side; output grads scaled like the averaged gradient.
       inputs, g_out = jax.tree.map(lambda *v: jnp.concatenate(v), *captured)
@@ -205,7 +213,8 @@ def make_eval_step(model, rule, kind: str):
   def step(state: TrainState, batch: dict[str, jax.Array]):
     x, y = inputs_and_labels(batch, kind)
     fwd = rule.forward_params(state.sparsity, state.params)
-    logits = model.apply({'params': fwd, **state.model_state}, x, train=False)
+    with blocked.execute(rule, state.sparsity):
+      logits = model.apply({'params': fwd, **state.model_state}, x, train=False)
     loss = cross_entropy(logits, y, 0.0)
     correct = (logits.argmax(-1) == y).astype(jnp.float32)
     w = batch['weights']  # (B,): 0 for padding rows
@@ -647,6 +656,9 @@ def train_flops(exp: Experiment, densities, step: int) -> float:
 
 def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
   """Parameter counts, norms and FLOPs of the final state for summary.json."""
+  if isinstance(exp.rule, blocked.BlockRule):  # counted as the masked model it executes
+    sstate, dense_params = exp.rule.unpack(state.sparsity, state.params)
+    state = state.replace(params=dense_params, sparsity=sstate)
   params = sharding.fetch(state.params)
   masks = sharding.fetch(sparsity.masks_of(state.sparsity))
   total = int(sum(p.size for p in jax.tree.leaves(params)))

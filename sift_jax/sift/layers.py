@@ -3,7 +3,7 @@
 Each module replaces one Dense layer (`kernel_size=()`) or one convolution + normalisation unit
 of a ResNet block (`kernel_size=(3, 3)`), and builds its kernels with the layer factory's
 `SparseDense` / `SparseConv`, so exactly the kernels meant to be sparse are declared in the
-'sparse' collection (sift_jax.models.layers). Sizes come from sift_jax.sift.sizes at trace time,
+'sparse' collection (sift_jax.sparse_layers). Sizes come from sift_jax.sift.sizes at trace time,
 from the input's feature count: D_in = C_in * kh * kw for a convolution.
 
 Normalisation: `norm` builds one normalisation module from a name (the model's BatchNorm for
@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sift_jax.models.layers import ConvNorm, Initializer, NormFactory, SparseConv, SparseDense
 from sift_jax.sift import sizes
+from sift_jax.sparse_layers import ConvNorm, Initializer, NormFactory, SparseConv, SparseDense
 
 LAYER_NORM: NormFactory = functools.partial(nn.LayerNorm, epsilon=1e-5)
 

@@ -17,8 +17,8 @@ from typing import Any
 import ml_collections
 
 from sift_jax import flops, models
-from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.sift import settings as settings_lib
+from sift_jax.sparse_layers import sparse_kernel_paths
 
 TOLERANCE = 1e-3  # relative, on whole-model forward FLOPs
 

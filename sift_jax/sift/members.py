@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from sift_jax.models.layers import Initializer, NormFactory, conv_unit, dense_layer
 from sift_jax.registry import SIFT_MEMBERS
 from sift_jax.sift import settings as settings_lib
 from sift_jax.sift import sizes
@@ -25,6 +24,7 @@ from sift_jax.sift.layers import (
   TransformedConvNorm,
   TransformedDense,
 )
+from sift_jax.sparse_layers import Initializer, NormFactory, conv_unit, dense_layer
 
 
 @SIFT_MEMBERS.register('dense')

@@ -23,9 +23,9 @@ import ml_collections
 import numpy as np
 
 from sift_jax import config_lib, flops, models
-from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.sift import layers, match
 from sift_jax.sift import settings as settings_lib
+from sift_jax.sparse_layers import sparse_kernel_paths
 
 LEVELS = (0.5, 0.75, 0.9)
 MEMBERS = ('wide', 'parallel', 'factorized', 'doped')

@@ -26,7 +26,7 @@ import ml_collections
 from absl import logging
 
 from sift_jax.registry import DISTRIBUTIONS, RULES
-from sift_jax.sparsity import rules
+from sift_jax.sparsity import blocked, rules
 from sift_jax.sparsity.export import export_sparse, load_sparse
 from sift_jax.sparsity.plan import check_level, describe, make_plan, path_of
 from sift_jax.sparsity.rules import Rule
@@ -46,10 +46,14 @@ __all__ = [
 ]
 
 _DENSITY_PREFIX = 'sparsity/density/'
+EXECUTIONS = ('masked', 'block_sparse')
 
 
 def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_paths=None) -> Rule:
   """The update rule `config.sparsity.rule` over a params tree of shapes (or arrays).
+
+  With sparsity.execution=block_sparse the rule comes wrapped in `blocked.BlockRule`, whose
+  state holds the sparse kernels as blocks (see sift_jax.sparsity.blocked).
 
   `sparse_paths` are the kernels the model declares sparse (tuples of keys, relative to the
   params tree); None applies the default filter of SPEC.md section 2. Raises ValueError on bad
@@ -64,6 +68,9 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
     raise ValueError(
       f'sparsity.backward_level={s.backward_level} is above sparsity.level={s.level}'
     )
+  execution = s.get('execution', 'masked')
+  if execution not in EXECUTIONS:
+    raise ValueError(f'sparsity.execution={execution!r}; allowed: {", ".join(EXECUTIONS)}')
   if s.rule == 'dense' and s.level > 0:
     raise ValueError(f'sparsity.rule=dense with sparsity.level={s.level}; pick a sparse rule')
   if config.sift.name != 'dense' and s.distribution != 'uniform':
@@ -81,6 +88,7 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
       s.overrides,
       float(s.power_scale),
       tuple(int(b) for b in s.block_shape),
+      balanced=bool(s.get('balanced', False)) or execution == 'block_sparse',
     )
   if layers:
     line = describe(layers)
@@ -94,7 +102,7 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
       'as static. Lower the update interval or sparsity.start_step, or lengthen the window.',
       stacklevel=2,
     )
-  return rule
+  return blocked.BlockRule(rule) if execution == 'block_sparse' else rule
 
 
 def masks_of(sstate: dict[str, Any]) -> Any:

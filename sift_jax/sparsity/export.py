@@ -73,6 +73,11 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict[s
   elif step not in steps:
     raise ValueError(f'no checkpoint at step {step} in {root}; saved steps: {steps}')
   state = ocp.StandardCheckpointer().restore(os.path.join(root, str(step), 'state'))
+  if 'masks' not in state['sparsity']:
+    raise ValueError(
+      f'the checkpoint at {root}/{step} holds block-sparse state (sparsity.execution='
+      'block_sparse: blocks and block-rows, no masks); export reads masked checkpoints'
+    )
   return export_sparse(state['params'], state['sparsity']['masks'], out)
 
 

@@ -3,7 +3,8 @@
 A plan is computed once on the host from the params' shapes: the sparse leaves (by position
 in the flattened params tree), their names ('Dense_0/kernel'), shapes, block shape and the
 exact active count round((1 - s_l) * n_l) of each layer, with s_l from a distribution
-(`uniform`, `erk`) plus per-layer overrides.
+(`uniform`, `erk`) plus per-layer overrides. A balanced plan (block-sparse execution) keeps
+round((1 - s_l) * rows) active blocks in every output block-column instead.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Layer:
   sparsity: float
   active_blocks: int
   floored: bool = False  # round((1 - s) n) was 0: raised to the floor of one active block
+  balanced: bool = False  # the same number of active blocks in every output block-column
 
   @property
   def size(self) -> int:
@@ -91,6 +93,11 @@ class Layer:
   @property
   def blocks(self) -> int:
     return select.num_blocks(self.shape, self.block)
+
+  @property
+  def columns(self) -> int:
+    """Output block-columns: the last axis in blocks."""
+    return self.shape[-1] // self.block[1]
 
   @property
   def block_size(self) -> int:
@@ -168,8 +175,11 @@ def make_plan(
   overrides: str = '',
   power_scale: float = 1.0,
   block: tuple[int, int] = (1, 1),
+  balanced: bool = False,
 ) -> list[Layer]:
   """The sparse layers of a params tree (shapes or arrays) with their exact active counts.
+
+  `balanced` counts per output block-column: round((1 - s_l) * blocks per column) in each.
 
   `sparse_paths` are the kernels the model declares sparse (a leading 'params' is ignored);
   None applies the default filter, first and last layer by network order (`network_order`). An override `pattern=s` sets a layer's sparsity (making it
@@ -215,10 +225,23 @@ def make_plan(
       continue
     select.check_block(shapes[i], block, names[i])
     nb = select.num_blocks(shapes[i], block)
-    count = exact_count(1 - levels[i], nb)
-    # A sparse layer with nothing active would cut the network: keep one block.
+    cols = shapes[i][-1] // block[1]
+    per_column = exact_count(1 - levels[i], nb // cols)
+    count = cols * per_column if balanced else exact_count(1 - levels[i], nb)
+    # A sparse layer with nothing active would cut the network: keep one block (per column
+    # when balanced, so every column keeps the same count).
+    floor = cols if balanced else 1
     layers.append(
-      Layer(i, names[i], shapes[i], block, levels[i], max(count, 1), floored=count == 0)
+      Layer(
+        i,
+        names[i],
+        shapes[i],
+        block,
+        levels[i],
+        max(count, floor),
+        floored=count == 0,
+        balanced=balanced,
+      )
     )
   return layers
 

@@ -52,15 +52,36 @@ def _abs_blocks(x: jax.Array, layer: Layer) -> jax.Array:
 
 
 def _topk(scores: jax.Array, k, layer: Layer, valid: jax.Array | None = None) -> jax.Array:
-  """Top-k blocks of a weight-shaped score by block sums, as a weight-shaped mask."""
+  """Top-k blocks of a weight-shaped score by block sums, as a weight-shaped mask.
+
+  A balanced layer takes k / columns blocks in every output block-column (k a multiple of
+  `layer.columns`, see `_column_multiple`).
+  """
   vb = None if valid is None else select.to_blocks(valid, layer.block, 'any')
-  return select.from_blocks(select.topk_mask(_abs_blocks(scores, layer), k, vb), layer.block)
+  sb = _abs_blocks(scores, layer)
+  if layer.balanced:
+    return select.from_blocks(select.balanced_topk_mask(sb, k // layer.columns, vb), layer.block)
+  return select.from_blocks(select.topk_mask(sb, k, vb), layer.block)
 
 
 def _random(key: jax.Array, layer: Layer, k, valid: jax.Array | None = None) -> jax.Array:
+  """k blocks uniformly at random among `valid` (balanced: k / columns per block-column)."""
   vb = None if valid is None else select.to_blocks(valid, layer.block, 'any')
   shape = select.to_blocks(jnp.zeros(layer.shape, bool), layer.block, 'any').shape
+  if layer.balanced:
+    return select.from_blocks(
+      select.balanced_random_mask(key, shape, k // layer.columns, vb), layer.block
+    )
   return select.from_blocks(select.random_mask(key, shape, k, vb), layer.block)
+
+
+def _column_multiple(count, layer: Layer):
+  """A block count rounded to a multiple of the block-columns when the layer is balanced."""
+  if not layer.balanced:
+    return count
+  if isinstance(count, int):
+    return layer.columns * round(count / layer.columns)
+  return layer.columns * jnp.round(count / layer.columns).astype(jnp.int32)
 
 
 def _count(m: jax.Array) -> jax.Array:
@@ -82,6 +103,7 @@ class Rule:
   # The config keys that set the update window, for messages.
   every_key = 'sparsity.update_every_steps'
   end_key = 'sparsity.end_fraction * total_steps'
+  keeps_balance = True  # False: the rule cannot keep balanced (per-column) masks
 
   def __init__(
     self, config: ml_collections.ConfigDict, params_shapes: Any, layers: list[Layer]
@@ -97,6 +119,11 @@ class Rule:
     self.drop = DropSchedule(s.drop_schedule, float(s.drop_fraction), end, float(s.drop_decay))
     self.regrow_dropped = bool(s.regrow_dropped)
     self.init_rescale = bool(s.init_rescale)
+    if not self.keeps_balance and any(layer.balanced for layer in layers):
+      raise ValueError(
+        f'sparsity.rule={s.rule!r} cannot keep balanced masks (sparsity.balanced or '
+        'sparsity.execution=block_sparse); allowed: static, set, rigl, topkast'
+      )
 
   def window(self) -> str:
     """The update window in words, naming the keys that set it."""
@@ -346,7 +373,7 @@ class _DropGrow(Rule):
       self._per_layer(g_fwd),
       strict=True,
     ):
-      n_drop = jnp.round(frac * layer.active_blocks).astype(jnp.int32)
+      n_drop = _column_multiple(jnp.round(frac * layer.active_blocks).astype(jnp.int32), layer)
       if not self.regrow_dropped:
         n_drop = jnp.minimum(n_drop, layer.blocks - layer.active_blocks)
       keep = _topk(p, layer.active_blocks - n_drop, layer, valid=m)
@@ -414,7 +441,10 @@ class TopKAST(Rule):
       np.array([1.0 - layer.sparsity for layer in layers]), sizes, (1.0 - back) * sizes.sum()
     )
     self.backward_blocks = [
-      max(layer.active_blocks, min(layer.blocks, exact_count(d, layer.blocks)))
+      max(
+        layer.active_blocks,
+        min(layer.blocks, _column_multiple(exact_count(d, layer.blocks), layer)),
+      )
       for layer, d in zip(layers, dens, strict=True)
     ]
 
@@ -503,6 +533,7 @@ class GSE(Rule):
   """
 
   needs_aux = True
+  keeps_balance = False
 
   def __init__(self, config, params_shapes, layers):
     super().__init__(config, params_shapes, layers)
@@ -562,6 +593,8 @@ class GMP(Rule):
   `schedules.cubic_counts`): integers fixed at build time, the last row the plan's exact count.
   A window without any update step cannot prune at all and is an error at build time.
   """
+
+  keeps_balance = False
 
   def __init__(self, config, params_shapes, layers):
     super().__init__(config, params_shapes, layers)

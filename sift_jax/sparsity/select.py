@@ -5,6 +5,10 @@ score is found by radix selection on an order-preserving integer image of the fl
 histogram passes over 16-bit digits, each linear in n), and ties at the threshold are broken
 by index (lowest first), so counts are exact and the result equals a stable descending
 argsort. k may be a traced value: shapes never depend on it, so nothing recompiles.
+
+The balanced variants (`balanced_topk_mask`, `balanced_random_mask`) pick exactly k entries in
+every column (the last axis) instead of k in the whole array: what block-sparse execution needs,
+a constant number of active blocks per output block-column.
 """
 
 from __future__ import annotations
@@ -109,6 +113,49 @@ def random_mask(key: jax.Array, shape: tuple[int, ...], k, valid: jax.Array | No
     bits = jnp.where(valid, bits, jnp.uint32(0))
     k = jnp.minimum(k, jnp.sum(valid, dtype=jnp.int32))
   return topk_keys_mask(bits, k)
+
+
+def balanced_topk_keys_mask(keys: jax.Array, k: jax.Array | int) -> jax.Array:
+  """Bool mask of the k largest uint32 keys in every column (the last axis; rows are all other
+  axes), ties by lowest row index; exactly min(k, rows) per column.
+
+  `k` is one count for every column or one per column (shape (C,)), possibly traced. A stable
+  sort per column: the arrays this runs on are block grids, far smaller than the weights.
+  """
+  shape = keys.shape
+  cols = shape[-1]
+  flat = keys.reshape(-1, cols)  # (R, C)
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (cols,))  # (C,)
+  order = jnp.argsort(~flat, axis=0, stable=True)  # (R, C): rows by descending key
+  taken = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 0) < k  # (R, C) in sorted order
+  col = jax.lax.broadcasted_iota(jnp.int32, flat.shape, 1)
+  return jnp.zeros(flat.shape, bool).at[order, col].set(taken).reshape(shape)
+
+
+def _valid_keys(keys: jax.Array, k, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Keys with invalid entries at 0 and k clamped to each column's valid count."""
+  k = jnp.asarray(k, jnp.int32)
+  if valid is None:
+    return keys, k
+  per_col = jnp.sum(valid.reshape(-1, valid.shape[-1]), axis=0, dtype=jnp.int32)  # (C,)
+  return jnp.where(valid, keys, jnp.uint32(0)), jnp.minimum(k, per_col)
+
+
+def balanced_topk_mask(
+  scores: jax.Array, k: jax.Array | int, valid: jax.Array | None = None
+) -> jax.Array:
+  """Bool mask of the k largest scores among `valid` entries of every column (last axis);
+  exactly min(k, #valid in the column) True per column, ties by lowest row index."""
+  keys, k = _valid_keys(jnp.maximum(order_keys(scores), jnp.uint32(1)), k, valid)
+  return balanced_topk_keys_mask(keys, k)
+
+
+def balanced_random_mask(
+  key: jax.Array, shape: tuple[int, ...], k, valid: jax.Array | None = None
+) -> jax.Array:
+  """Exactly k positions per column (last axis), uniformly without replacement among `valid`."""
+  bits = jnp.maximum(jax.random.bits(key, shape, jnp.uint32), jnp.uint32(1))
+  return balanced_topk_keys_mask(*_valid_keys(bits, k, valid))
 
 
 def check_block(shape: tuple[int, ...], block: tuple[int, int], name: str) -> None:

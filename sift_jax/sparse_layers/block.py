@@ -1,0 +1,119 @@
+"""Block-sparse Dense execution: only the active blocks of a balanced block mask are stored.
+
+A (D_in, D_out) kernel tiled by (bi, bo) blocks is a grid of R = D_in / bi block-rows and
+C = D_out / bo block-columns. A balanced mask keeps the same number K of active blocks in every
+block-column, so the active weights fit one dense array and the matmul is a gather plus one
+batched GEMM over the block-columns:
+
+  values (C, K, bi, bo)   the active blocks (trained parameters; optimizer state only for these)
+  rows   (C, K) int32     the block-row of each active block (sparsity state beside the params)
+
+  y[:, c] = sum_k x[:, rows[c, k]] @ values[c, k]
+
+Activations are gathered feature-major ((R, bi, N): contiguous block-rows), which is what made
+the CPU layer fast in the issue's feasibility figures; blocks of 64-128 are the target range.
+A new pattern with the same K is just a new `rows` array: nothing is retraced or recompiled.
+Backward is plain autodiff (a scatter-add into dx, a batched GEMM into d values).
+
+This module holds the math and the conversions between masked (dense kernel + mask) and
+block-sparse state; the layer and the choice of implementation (XLA here, or the Pallas kernel
+on GPU / TPU) are in sift_jax.sparse_layers.block_dense.
+
+Only Dense (2-D) kernels run block-sparse; convolutions stay masked (`check_dense_kernel`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_dense_kernel(shape: tuple[int, ...], block: tuple[int, int], name: str) -> None:
+  """Raises ValueError unless `shape` is a 2-D kernel that (bi, bo) blocks tile."""
+  if len(shape) != 2:
+    raise ValueError(
+      f'block_sparse execution runs Dense (2-D) kernels only; {name} has shape {shape} '
+      '(convolutions, 1x1 and 3x3 included, are unsupported: use sparsity.execution=masked)'
+    )
+  if len(block) != 2 or min(block) < 1 or shape[0] % block[0] or shape[1] % block[1]:
+    raise ValueError(f'block_shape {block} does not tile the kernel {name} {shape}')
+
+
+def grid(shape: tuple[int, int], block: tuple[int, int]) -> tuple[int, int]:
+  """(R, C): block-rows and block-columns of a (D_in, D_out) kernel."""
+  return shape[0] // block[0], shape[1] // block[1]
+
+
+def _col_index(rows: jax.Array) -> jax.Array:
+  return jax.lax.broadcasted_iota(jnp.int32, rows.shape, 0)  # (C, K): the column of each block
+
+
+def to_masked(
+  values: jax.Array, rows: jax.Array, shape: tuple[int, int]
+) -> tuple[jax.Array, jax.Array]:
+  """(values (C, K, bi, bo), rows (C, K)) -> (dense kernel (D_in, D_out), bool mask)."""
+  _, _, bi, bo = values.shape
+  r, c = grid(shape, (bi, bo))
+  kernel = jnp.zeros((r, c, bi, bo), values.dtype).at[rows, _col_index(rows)].set(values)
+  return kernel.transpose(0, 2, 1, 3).reshape(shape), rows_mask(rows, shape, (bi, bo))
+
+
+def rows_mask(rows: jax.Array, shape: tuple[int, int], block: tuple[int, int]) -> jax.Array:
+  """The bool (D_in, D_out) mask of the blocks at block-rows `rows` (C, K)."""
+  r, c = grid(shape, block)
+  mask = jnp.zeros((r, c), bool).at[rows, _col_index(rows)].set(True)  # (R, C)
+  return jnp.repeat(jnp.repeat(mask, block[0], axis=0), block[1], axis=1)
+
+
+def from_masked(
+  kernel: jax.Array, mask: jax.Array, block: tuple[int, int], k: int
+) -> tuple[jax.Array, jax.Array]:
+  """(dense kernel, balanced mask with k active blocks per block-column) -> (values, rows).
+
+  Rows come out ascending within each column. `k` is static (it fixes the shapes); under jit the
+  mask is trusted to be balanced, `check_balanced` verifies a concrete one.
+  """
+  bi, bo = block
+  r, c = grid(kernel.shape, block)
+  active = mask.reshape(r, bi, c, bo).any(axis=(1, 3))  # (R, C)
+  rows = jnp.argsort(~active, axis=0, stable=True)[:k].T.astype(jnp.int32)  # (C, K)
+  return gather_blocks(kernel, rows, block), rows
+
+
+def gather_blocks(kernel: jax.Array, rows: jax.Array, block: tuple[int, int]) -> jax.Array:
+  """The (C, K, bi, bo) blocks of a dense (D_in, D_out) kernel at block-rows `rows` (C, K)."""
+  bi, bo = block
+  r, c = grid(kernel.shape, block)
+  blocks = kernel.reshape(r, bi, c, bo).transpose(0, 2, 1, 3)  # (R, C, bi, bo)
+  return blocks[rows, _col_index(rows)]
+
+
+def check_balanced(mask: Any, block: tuple[int, int]) -> int:
+  """K, the active blocks per block-column of a concrete mask; ValueError if it is unbalanced
+  or has partial blocks."""
+  m = np.asarray(mask)
+  bi, bo = block
+  r, c = grid(m.shape, block)
+  g = m.reshape(r, bi, c, bo).transpose(0, 2, 1, 3)  # (R, C, bi, bo)
+  whole = g.all(axis=(2, 3))
+  if (g.any(axis=(2, 3)) != whole).any():
+    raise ValueError(f'mask has partially active {block} blocks')
+  counts = whole.sum(axis=0)  # (C,)
+  if (counts != counts[0]).any():
+    raise ValueError(
+      f'mask is not balanced: active blocks per block-column range {counts.min()}..{counts.max()}'
+    )
+  return int(counts[0])
+
+
+def gather_matmul_xla(x: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
+  """x (N, D_in) -> (N, C * bo): the feature-major gather + batched GEMM, in plain jnp."""
+  n = x.shape[0]
+  _, _, bi, bo = values.shape
+  xt = x.T.reshape(-1, bi, n)  # (R, bi, N)
+  g = xt[rows]  # (C, K, bi, N)
+  y = jnp.einsum('ckin,ckio->con', g, values)  # (C, bo, N)
+  return y.reshape(-1, n).T  # (N, D_out)
