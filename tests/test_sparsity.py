@@ -270,7 +270,7 @@ def test_overrides_set_layer_sparsity():
     ('level', 1.0, 'outside'),
     ('level', -0.1, 'outside'),
     ('rule', 'magic', 'known: dense'),
-    ('distribution', 'zipf', 'known: erk'),
+    ('distribution', 'zipf', 'known: er, erk, uniform'),
     ('backward_level', 0.95, 'above'),
     ('drop_fraction', 1.5, 'drop_fraction'),
     ('drop_schedule', 'linear', 'allowed'),
