@@ -261,3 +261,17 @@ def test_a_sweep_killed_mid_run_resumes_and_matches_an_uninterrupted_one(finishe
     got_params, want_params = final_params(run.workdir), final_params(ref.workdir)
     for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params), strict=True):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_the_report_reads_a_real_sweep(finished, tmp_path):
+  from sift_jax.analysis import report
+
+  path, _ = finished
+  out = report.write_report(os.path.dirname(path), str(tmp_path))
+  assert out['runs'] == 3
+  assert out['setting_keys'] == ['sparsity.rule', 'sparsity.level']
+  rows = out['table'].splitlines()[2:]
+  assert rows[0].startswith('| dense | 0.0 | 2 | ')
+  assert rows[1].startswith('| rigl | 0.5 | 1 | ')
+  for name in report.PLOTS:
+    assert os.path.getsize(tmp_path / name) > 20_000
