@@ -212,9 +212,10 @@ def status(run: Run) -> tuple[str, str]:
   summary = os.path.join(run.workdir, 'summary.json')
   config_path = os.path.join(run.workdir, 'config.json')
   # config.json is rewritten at every (re)start, summary.json at the end: an older summary
-  # belongs to an earlier, shorter run of this folder.
+  # belongs to an earlier, shorter run of this folder. Other run-length keys (how often it
+  # logged) do not make a finished run unfinished.
   if (
-    not diff
+    'total_steps' not in diff
     and os.path.exists(summary)
     and os.path.getmtime(summary) >= os.path.getmtime(config_path)
   ):

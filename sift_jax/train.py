@@ -34,6 +34,7 @@ from sift_jax import (
   sparsity,
 )
 from sift_jax import metrics as metrics_lib
+from sift_jax.analysis import spectral
 from sift_jax.config_lib import RUN_LENGTH_KEYS
 from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.sift import report as sift_report
@@ -450,6 +451,8 @@ def train_loop(exp: Experiment, workdir: str, state, start_step: int, ckpt, writ
           row['sparsity/solved_level'] = exp.sift_flops.mask_level
         if is_eval:
           row.update(evaluate(eval_step, state, dataset, exp.mesh))
+          if config.analysis.spectral:
+            row.update(spectral.state_metrics(state))  # host-side eigensolves: eval steps only
         writer.write(step, row)
         final.update(row)
         if config.progress and jax.process_index() == 0:
