@@ -220,25 +220,22 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: 
 
 
 def _figure(title: str):
-  import matplotlib
+  """A pyplot-free Figure: writing a report never changes the caller's matplotlib backend
+  (a notebook keeps showing its own plots)."""
+  from matplotlib.figure import Figure
 
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(9, 4.8), dpi=120)
+  fig = Figure(figsize=(9, 4.8), dpi=120)
+  ax = fig.subplots()
   ax.set_title(title, fontsize=10)
   ax.grid(True, alpha=0.3)
   return fig, ax
 
 
 def _save(fig, ax, path: str) -> None:
-  import matplotlib.pyplot as plt
-
   if ax.get_legend_handles_labels()[0]:
     ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
   fig.tight_layout()
   fig.savefig(path)
-  plt.close(fig)
 
 
 def _flops_axis(ax, values: Sequence[float]) -> None:
