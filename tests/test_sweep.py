@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -192,8 +193,11 @@ def test_a_longer_run_makes_a_finished_run_resume_and_another_config_conflict(fi
   runs_dir = os.path.join(os.path.dirname(path), 'runs')
   longer = sweep.make_runs(write_sweep(tmp_path, runs_dir, steps=STEPS + 10))
   assert sweep.status(longer[0]) == ('partial', f'resumes at step {STEPS} of {STEPS + 10}')
-  other = sweep.make_runs(write_sweep(tmp_path, runs_dir))[0]
-  other = other.__class__(**{**other.__dict__, 'flags': (*other.flags, '--config.optim.lr=0.5')})
+  same = sweep.make_runs(write_sweep(tmp_path, runs_dir))[0]
+  chatty = dataclasses.replace(same, flags=(*same.flags, '--config.log_every_steps=1'))
+  assert sweep.status(chatty) == ('done', '')  # how often it logged does not unfinish a run
+  other = same
+  other = dataclasses.replace(other, flags=(*other.flags, '--config.optim.lr=0.5'))
   state, detail = sweep.status(other)
   assert state == 'conflict'
   assert 'optim.lr: 0.05 -> 0.5' in detail
@@ -275,3 +279,14 @@ def test_the_report_reads_a_real_sweep(finished, tmp_path):
   assert rows[1].startswith('| rigl | 0.5 | 1 | ')
   for name in report.PLOTS:
     assert os.path.getsize(tmp_path / name) > 20_000
+
+
+def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path):
+  with open(os.path.join(REPO, 'README.md')) as f:
+    section = f.read().split('## Sweeps and analysis', 1)[1]
+  code = section.split('```python\n', 1)[1].split('```', 1)[0]
+  (tmp_path / 'sweep.py').write_text(code)
+  runs = sweep.make_runs(str(tmp_path / 'sweep.py'))
+  assert len(runs) == 12
+  assert runs[0].name == 'sift-wide_sparsity-0.5_rule-rigl_seed-0'
+  assert runs[0].flags == ('--config.total_steps=1500',)
