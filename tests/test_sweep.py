@@ -26,7 +26,7 @@ def get_sweep():
     'config': 'configs/mlp_fashion_mnist.py:local',
     'fixed': {{
       'data.name': 'digits', 'model.hidden': (32,), 'total_steps': {steps}, 'batch_size': 16,
-      'log_every_steps': 10, 'eval_every_steps': 50, 'checkpoint_every_steps': 10,
+      'log_every_steps': 10, 'eval_every_steps': 30, 'checkpoint_every_steps': 20,
       'eval.max_examples': 64, 'optim.schedule': 'constant', 'sparsity.update_every_steps': 10,
       'progress': False,
     }},
@@ -34,7 +34,7 @@ def get_sweep():
     'runs_dir': {runs_dir!r},
   }}
 """
-STEPS = 100
+STEPS = 60
 
 
 def write_sweep(folder, runs_dir: str = 'runs', steps: int = STEPS) -> str:
@@ -170,6 +170,20 @@ def test_a_missing_config_file_is_one_clear_error(tmp_path):
   assert "error: config file 'configs/nope.py' not found" in out.stderr
 
 
+def test_a_lock_counts_only_while_its_process_lives(tmp_path):
+  import socket
+
+  def lock(pid: int) -> None:
+    (tmp_path / sweep.LOCK).write_text(json.dumps({'host': socket.gethostname(), 'pid': pid}))
+
+  lock(os.getpid())
+  assert sweep.lock_owner(str(tmp_path)) == os.getpid()
+  gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+  gone.wait()
+  lock(gone.pid)  # a sweep killed before it could remove its lock
+  assert sweep.lock_owner(str(tmp_path)) is None
+
+
 # --------------------------------------------------------------------------- with training
 
 
@@ -228,7 +242,16 @@ def final_params(workdir: str):
   )['params']
 
 
-def test_a_sweep_killed_mid_run_resumes_and_matches_an_uninterrupted_one(finished, tmp_path):
+@pytest.mark.parametrize(
+  'victim',
+  [
+    'sweep',  # the trainer gets SIGTERM from the dying sweep, checkpoints and exits
+    pytest.param('group', marks=pytest.mark.slow),  # sweep and trainer at once: a machine crash
+  ],
+)
+def test_a_sweep_killed_mid_run_resumes_and_matches_an_uninterrupted_one(
+  finished, tmp_path, victim
+):
   import jax
 
   reference = sweep.make_runs(finished[0])
@@ -247,8 +270,12 @@ def test_a_sweep_killed_mid_run_resumes_and_matches_an_uninterrupted_one(finishe
   while not (sweep.checkpoint_steps(second) and sweep.checkpoint_steps(second)[-1] >= 20):
     assert time.time() < deadline and proc.poll() is None, 'the sweep ended before the kill'
     time.sleep(0.02)
-  os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its trainer, as a machine crash would
+  if victim == 'group':
+    os.killpg(proc.pid, signal.SIGKILL)
+  else:
+    os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
+  # Killing the sweep alone, its trainer may still be saving: the restart waits for it.
   assert not os.path.exists(os.path.join(second, 'summary.json')), 'killed too late'
   first_summary = os.path.getmtime(os.path.join(runs[0].workdir, 'summary.json'))
 
@@ -257,6 +284,9 @@ def test_a_sweep_killed_mid_run_resumes_and_matches_an_uninterrupted_one(finishe
   assert f'{runs[1].name}: resuming, resumes at step' in out.stdout
   assert os.path.getmtime(os.path.join(runs[0].workdir, 'summary.json')) == first_summary
   assert [attempts(r.workdir) for r in runs] == [1, 2, 1]
+  if victim == 'sweep':  # the death signal reached the trainer, which checkpointed and exited
+    with open(os.path.join(second, sweep.LOG)) as f:
+      assert 'SIGTERM received: saved a checkpoint' in f.read()
   assert read_summary(second)['resumed_from_step'] >= 20
   for run, ref in zip(runs, reference, strict=True):
     got, want = read_summary(run.workdir), read_summary(ref.workdir)
