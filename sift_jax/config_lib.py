@@ -23,6 +23,7 @@ RUN_LENGTH_KEYS = (
   'checkpoint.keep',
   'eval.max_examples',
   'progress',
+  'analysis.spectral',  # what is logged, not what is trained
   # Where the processes of a run meet is not part of the experiment.
   'distributed.initialize',
   'distributed.coordinator_address',
@@ -133,6 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sift.factorized_between = 'norm_relu'  # none | norm | norm_relu, between U and V
   c.sift.doped_sparse_uv = False  # True: the original release's sparse U V (not iso-FLOP)
   c.sift.rounding = 'original'  # original (b = round(1/(1-s))) | exact
+
+  c.analysis = ml_collections.ConfigDict()
+  c.analysis.spectral = False  # spectral metrics of the masks on eval steps (SPEC.md section 4)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3  # keep the last K checkpoints

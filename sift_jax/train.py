@@ -37,6 +37,7 @@ from sift_jax import (
   sparsity,
 )
 from sift_jax import metrics as metrics_lib
+from sift_jax.analysis import spectral
 from sift_jax.config_lib import RUN_LENGTH_KEYS
 from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.sift import report as sift_report
@@ -571,6 +572,8 @@ def train_loop(exp: Experiment, state, start_step: int, ckpt, writer, guard):
           row['sparsity/solved_level'] = exp.sift_flops.mask_level
         if is_eval:
           row.update(evaluate(eval_step, state, dataset, exp.mesh))
+          if config.analysis.spectral:  # host-side eigensolves: eval steps only
+            row.update(spectral.state_metrics(masked_view(state, exp)))
       # Before anything is written: a diverged step neither logs nor saves.
       health.check(row, step, params_finite(state) if is_ckpt else True)
       if is_log:
@@ -654,11 +657,17 @@ def train_flops(exp: Experiment, densities, step: int) -> float:
   return flops.training_flops_per_example(exp.rule, exp.flop_report, densities, step)
 
 
+def masked_view(state: TrainState, exp: Experiment) -> TrainState:
+  """The state with dense-shaped params and masks (block-sparse execution unpacked)."""
+  if not isinstance(exp.rule, blocked.BlockRule):
+    return state
+  sstate, dense_params = exp.rule.unpack(state.sparsity, state.params)
+  return state.replace(params=dense_params, sparsity=sstate)
+
+
 def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
   """Parameter counts, norms and FLOPs of the final state for summary.json."""
-  if isinstance(exp.rule, blocked.BlockRule):  # counted as the masked model it executes
-    sstate, dense_params = exp.rule.unpack(state.sparsity, state.params)
-    state = state.replace(params=dense_params, sparsity=sstate)
+  state = masked_view(state, exp)  # counted as the masked model it executes
   params = sharding.fetch(state.params)
   masks = sharding.fetch(sparsity.masks_of(state.sparsity))
   total = int(sum(p.size for p in jax.tree.leaves(params)))

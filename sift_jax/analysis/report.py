@@ -1,0 +1,422 @@
+"""A study's results: `python -m sift_jax.analysis.report experiments/<study> [--out=DIR]`.
+
+Reads every run folder under the study (any folder holding a config.json, DESIGN.md's "Outputs
+of a run") and writes beside it:
+
+- results.csv: one row per run (its setting, seed, final metrics, sizes, FLOPs, step time);
+- table.md: per setting, mean +- std over its finished runs (seeds), with n;
+- metric_vs_train_flops.png, metric_vs_sparsity.png, curve_vs_step.png,
+  curve_vs_train_flops.png: final metric against training FLOPs per example and against the
+  sparsity per member/rule, and the eval curves against step and cumulative training FLOPs,
+  mean over seeds with a +-1 std band.
+
+A run's setting is the set of config keys that differ between the runs, minus the seed: runs
+that differ only in their seed are one setting, whatever made them (a sweep or by hand).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from absl import app, flags
+
+from sift_jax.train import flatten
+
+# Keys that say nothing about the experiment (where it ran, how often it reported).
+IGNORED_PREFIXES = ('seed', 'distributed.', 'data.dir', 'progress', 'checkpoint')
+# Setting keys first in this order, with their short names in labels.
+SHORT_NAMES = {'sift.name': 'sift', 'sparsity.rule': 'rule', 'sparsity.level': 's'}
+TOKEN_UNITS = {'python_stdlib': 'byte', 'tiny_shakespeare': 'char', 'ptb': 'word'}
+COLUMNS = (
+  'eval/loss',
+  'eval/accuracy',
+  'eval/perplexity',
+  'params/total',
+  'params/active',
+  'flops/forward_per_example',
+  'flops/train_per_example',
+  'train/step_time_s',
+  'sparsity/density',
+  'wall_time_s',
+)
+SKIP_DIRS = ('checkpoints', 'checkpoints_incomplete', 'checkpoints_corrupt', 'tensorboard')
+
+
+def find_runs(root: str) -> list[str]:
+  """Every folder under `root` holding a config.json, sorted."""
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'{root!r} is not a folder')
+  found = []
+  for folder, dirs, files in os.walk(root):
+    dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+    if 'config.json' in files:
+      found.append(folder)
+  return sorted(found)
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """metrics.jsonl rows by step; a resumed run logs some steps twice (the later row wins), and
+  a run killed mid-write can leave a partial line (skipped)."""
+  rows: dict[int, dict[str, Any]] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(row, dict) and 'step' in row:
+          rows[int(row['step'])] = row
+  return [rows[s] for s in sorted(rows)]
+
+
+def read_run(workdir: str) -> dict[str, Any]:
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = flatten(json.load(f))
+  summary_path = os.path.join(workdir, 'summary.json')
+  summary = None
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+  return {
+    'workdir': workdir,
+    'config': config,
+    'summary': summary,
+    'metrics': read_metrics(os.path.join(workdir, 'metrics.jsonl')),
+  }
+
+
+def setting_keys(runs: Sequence[dict[str, Any]]) -> list[str]:
+  """Config keys whose values differ between runs, minus the seed and bookkeeping keys."""
+  keys = set().union(*(r['config'] for r in runs)) if runs else set()
+  varying = [
+    k
+    for k in keys
+    if not k.startswith(IGNORED_PREFIXES)
+    and len({json.dumps(r['config'].get(k)) for r in runs}) > 1
+  ]
+  first = [k for k in SHORT_NAMES if k in varying]
+  return first + sorted(k for k in varying if k not in SHORT_NAMES)
+
+
+def label(setting: dict[str, Any]) -> str:
+  if not setting:
+    return 'all runs'
+  return ', '.join(f'{SHORT_NAMES.get(k, k)}={v}' for k, v in setting.items())
+
+
+def primary_metric(runs: Sequence[dict[str, Any]]) -> tuple[str, str, bool]:
+  """(metric key, axis label with unit, higher is better): accuracy for images, loss for text."""
+  text = any('eval/perplexity' in (r['summary'] or {}) for r in runs) or any(
+    r['config'].get('model.name') == 'gpt' for r in runs
+  )
+  if not text:
+    return 'eval/accuracy', 'eval accuracy (fraction correct)', True
+  units = {TOKEN_UNITS.get(r['config'].get('data.name'), 'token') for r in runs}
+  unit = units.pop() if len(units) == 1 else 'token'
+  return 'eval/loss', f'eval loss (nats/{unit})', False
+
+
+def step_time(rows: Sequence[dict[str, Any]]) -> float:
+  """Median seconds per step; the first logged window holds compilation and is left out."""
+  times = [r['train/step_time_s'] for r in rows[1:] if 'train/step_time_s' in r]
+  return float(np.median(times)) if times else math.nan
+
+
+def cumulative_train_flops(rows: Sequence[dict[str, Any]], batch_size: int) -> np.ndarray:
+  """Training FLOPs spent up to each logged step: each window at the rate logged at its end."""
+  steps = np.array([r['step'] for r in rows], float)
+  rate = np.array([r.get('flops/train_per_example', math.nan) for r in rows], float)
+  return np.cumsum(rate * np.diff(steps, prepend=0.0) * batch_size)
+
+
+def results_rows(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+  """One flat row per run for results.csv."""
+  out = []
+  for r in runs:
+    summary = r['summary'] or {}
+    last = r['metrics'][-1] if r['metrics'] else {}
+    row = {
+      'run': os.path.basename(r['workdir']),
+      **{k: r['config'].get(k) for k in [*keys, *(k for k in SHORT_NAMES if k not in keys)]},
+      'seed': r['config'].get('seed'),
+      'finished': r['summary'] is not None,
+      'step': last.get('step', 0),
+      'total_steps': r['config'].get('total_steps'),
+    }
+    for c in COLUMNS:
+      row[c] = step_time(r['metrics']) if c == 'train/step_time_s' else summary.get(c, math.nan)
+    out.append(row)
+  return out
+
+
+def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def group(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[tuple, list[dict]]:
+  """Finished rows by setting, in first-seen order."""
+  groups: dict[tuple, list[dict]] = {}
+  for row in rows:
+    if row['finished']:
+      groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+  return groups
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1; nan for a single value)."""
+  v = np.asarray(values, float)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def si(x: float, unit: str = '') -> str:
+  """1234567 -> '1.23M'."""
+  if not math.isfinite(x):
+    return '-'
+  for factor, prefix in ((1e12, 'T'), (1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+    if abs(x) >= factor:
+      return f'{x / factor:.3g}{prefix}{unit}'
+  return f'{x:.3g}{unit}'
+
+
+def pm(mean: float, std: float, fmt) -> str:
+  """'mean ± std'; the mean alone for one run or a value the same in every run."""
+  return f'{fmt(mean)} ± {fmt(std)}' if math.isfinite(std) and std > 0 else fmt(mean)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str) -> str:
+  """Per setting: n, metric, params, active params, FLOPs per example, step time (mean ± std)."""
+  head = [*(SHORT_NAMES.get(k, k) for k in keys), 'n', metric]
+  head += ['params', 'active params', 'forward FLOPs/ex', 'train FLOPs/ex', 'step time (ms)']
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  columns = (
+    (metric, lambda x: f'{x:.4f}'),
+    ('params/total', si),
+    ('params/active', si),
+    ('flops/forward_per_example', si),
+    ('flops/train_per_example', si),
+    ('train/step_time_s', lambda x: f'{1000 * x:.1f}'),
+  )
+  for setting, members in group(rows, keys).items():
+    cells = [str(v) for v in setting] + [str(len(members))]
+    cells += [pm(*mean_std([m[c] for m in members]), fmt) for c, fmt in columns]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  unfinished = sum(not r['finished'] for r in rows)
+  note = f'\n{unfinished} unfinished run(s) left out.\n' if unfinished else ''
+  return '\n'.join(lines) + '\n' + note
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(title: str):
+  """A pyplot-free Figure: writing a report never changes the caller's matplotlib backend
+  (a notebook keeps showing its own plots)."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(9, 4.8), dpi=120)
+  ax = fig.subplots()
+  ax.set_title(title, fontsize=10)
+  ax.grid(True, alpha=0.3)
+  return fig, ax
+
+
+def _save(fig, ax, path: str) -> None:
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def _flops_axis(ax, values: Sequence[float]) -> None:
+  """FLOP ticks with SI prefixes (200k, 2M), on a log scale when they span over 20x."""
+  from matplotlib.ticker import EngFormatter, MaxNLocator
+
+  v = [x for x in values if x > 0 and math.isfinite(x)]
+  if v and max(v) / min(v) > 20:
+    ax.set_xscale('log')
+  else:
+    ax.xaxis.set_major_locator(MaxNLocator(7))
+  ax.xaxis.set_major_formatter(EngFormatter(sep=''))
+
+
+class Colors:
+  """One colour per setting label, the same in every plot of a report."""
+
+  def __init__(self, labels: Sequence[str]):
+    import matplotlib
+
+    names = sorted(set(labels))
+    cmap = matplotlib.colormaps['tab10' if len(names) <= 10 else 'tab20']
+    self._colors = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+
+  def __call__(self, name: str):
+    return self._colors[name]
+
+
+def plot_metric_vs_flops(rows, keys, metric, ylabel, path, colors: Colors) -> None:
+  fig, ax = _figure(f'final {metric} vs training FLOPs per example (mean ± std over seeds)')
+  xs = []
+  for setting, members in group(rows, keys).items():
+    name = label(dict(zip(keys, setting, strict=True)))
+    x, xe = mean_std([m['flops/train_per_example'] for m in members])
+    y, ye = mean_std([m[metric] for m in members])
+    ax.errorbar(
+      x,
+      y,
+      yerr=np.nan_to_num(ye),
+      xerr=np.nan_to_num(xe),
+      fmt='o',
+      ms=7,
+      capsize=3,
+      color=colors(name),
+      label=name,
+    )
+    xs.append(x)
+  _flops_axis(ax, xs)
+  ax.set_xlabel('training FLOPs per example (FLOPs)')
+  ax.set_ylabel(ylabel)
+  _save(fig, ax, path)
+
+
+def plot_metric_vs_sparsity(rows, keys, metric, ylabel, path, colors: Colors) -> None:
+  """One line per member/rule (and any other setting key) over the sparsity level; settings at
+  s = 0 alone on their line (dense) are drawn as a dashed reference across the plot."""
+  fig, ax = _figure(f'final {metric} vs sparsity (mean ± std over seeds)')
+  others = [k for k in keys if k != 'sparsity.level']
+  lines: dict[tuple, list[tuple[float, float, float]]] = {}
+  for setting, members in group(rows, keys).items():
+    s = dict(zip(keys, setting, strict=True))
+    level = float(members[0]['sparsity.level'] or 0.0)
+    lines.setdefault(tuple(s[k] for k in others), []).append(
+      (level, *mean_std([m[metric] for m in members]))
+    )
+  for key, pts in lines.items():
+    pts.sort()
+    x, y, ye = (np.array(v, float) for v in zip(*pts, strict=True))
+    name = label(dict(zip(others, key, strict=True)))
+    line = dict(zip(others, key, strict=True))
+    color = colors(label({k: line.get(k, pts[0][0]) for k in keys}))  # its first setting's
+    if len(pts) == 1 and x[0] == 0:
+      ax.axhline(y[0], ls='--', lw=1.2, color=color, label=f'{name} (s=0)')
+      if np.isfinite(ye[0]):
+        ax.axhspan(y[0] - ye[0], y[0] + ye[0], color=color, alpha=0.12)
+    else:
+      ax.errorbar(
+        x, y, yerr=np.nan_to_num(ye), marker='o', ms=7, capsize=3, color=color, label=name
+      )
+  levels = [p[0] for pts in lines.values() for p in pts]
+  ax.set_xlim(-0.02, max([*levels, 0.5]) + 0.05)
+  ax.set_xlabel('sparsity s (fraction of sparse weights that are zero)')
+  ax.set_ylabel(ylabel)
+  _save(fig, ax, path)
+
+
+def eval_curves(runs, keys, metric) -> dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Per setting: the eval steps all its finished runs logged, the mean cumulative training
+  FLOPs at them, and the metric per run (runs, steps)."""
+  by_setting: dict[tuple, list[dict]] = {}
+  for r in runs:
+    if r['summary'] is not None:
+      by_setting.setdefault(tuple(r['config'].get(k) for k in keys), []).append(r)
+  out = {}
+  for setting, members in by_setting.items():
+    curves = []
+    for r in members:
+      rows = r['metrics']
+      cum = cumulative_train_flops(rows, r['config'].get('batch_size', 1))
+      curves.append(
+        {row['step']: (c, row[metric]) for row, c in zip(rows, cum, strict=True) if metric in row}
+      )
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    flops = np.array([[c[s][0] for s in steps] for c in curves])  # (runs, steps)
+    values = np.array([[c[s][1] for s in steps] for c in curves])  # (runs, steps)
+    out[setting] = (np.array(steps), flops.mean(0), values)
+  return out
+
+
+def plot_curves(runs, keys, metric, ylabel, path, against: str, colors: Colors) -> None:
+  what = 'step' if against == 'step' else 'cumulative training FLOPs'
+  fig, ax = _figure(f'{metric} during training vs {what} (mean ± std over seeds)')
+  for setting, (steps, flops, values) in eval_curves(runs, keys, metric).items():
+    if not len(steps):
+      continue
+    name = label(dict(zip(keys, setting, strict=True)))
+    x = steps if against == 'step' else flops
+    mean = values.mean(0)  # (steps,)
+    ax.plot(x, mean, marker='.', color=colors(name), label=name)
+    if len(values) > 1:
+      std = values.std(0, ddof=1)  # (steps,)
+      ax.fill_between(x, mean - std, mean + std, color=colors(name), alpha=0.2, lw=0)
+  if against == 'step':
+    ax.set_xlabel('training step')
+  else:
+    _flops_axis(ax, [])
+    ax.set_xlabel('cumulative training FLOPs, all examples so far (FLOPs)')
+  ax.set_ylabel(ylabel)
+  _save(fig, ax, path)
+
+
+PLOTS = (
+  'metric_vs_train_flops.png',
+  'metric_vs_sparsity.png',
+  'curve_vs_step.png',
+  'curve_vs_train_flops.png',
+)
+
+
+def write_report(study: str, out: str | None = None, metric: str | None = None) -> dict[str, Any]:
+  """Writes results.csv, table.md and the plots of `study` into `out` (default: the study)."""
+  out = out or study
+  runs = [read_run(w) for w in find_runs(study)]
+  if not runs:
+    raise FileNotFoundError(f'no run folders (with a config.json) under {study!r}')
+  keys = setting_keys(runs)
+  key, ylabel, _ = primary_metric(runs)
+  if metric:
+    key, ylabel = metric, metric
+  rows = results_rows(runs, keys)
+  if metric and not any(metric in (r['summary'] or {}) for r in runs):
+    raise ValueError(f'--metric={metric!r} is in no summary.json; known: {", ".join(COLUMNS[:3])}')
+  os.makedirs(out, exist_ok=True)
+  write_csv(os.path.join(out, 'results.csv'), rows)
+  table = markdown_table(rows, keys, key)
+  with open(os.path.join(out, 'table.md'), 'w') as f:
+    f.write(table)
+  colors = Colors([label({k: r[k] for k in keys}) for r in rows])
+  plot_metric_vs_flops(rows, keys, key, ylabel, os.path.join(out, PLOTS[0]), colors)
+  plot_metric_vs_sparsity(rows, keys, key, ylabel, os.path.join(out, PLOTS[1]), colors)
+  plot_curves(runs, keys, key, ylabel, os.path.join(out, PLOTS[2]), 'step', colors)
+  plot_curves(runs, keys, key, ylabel, os.path.join(out, PLOTS[3]), 'flops', colors)
+  return {'runs': len(runs), 'setting_keys': keys, 'metric': key, 'table': table}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2:
+    raise app.UsageError('usage: python -m sift_jax.analysis.report experiments/<study> [--out=]')
+  try:
+    report = write_report(argv[1], _OUT.value, _METRIC.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  print(report['table'])
+  print(
+    f'{report["runs"]} runs; wrote results.csv, table.md, {", ".join(PLOTS)} to '
+    f'{_OUT.value or argv[1]}'
+  )
+
+
+if __name__ == '__main__':
+  _OUT = flags.DEFINE_string('out', None, 'Folder for the outputs (default: the study folder).')
+  _METRIC = flags.DEFINE_string('metric', None, 'Metric to report (default: accuracy or loss).')
+  app.run(main)

@@ -1,0 +1,383 @@
+"""Sweep runner: `python -m sift_jax.sweep experiments/<study>/sweep.py [--dry_run] [--shard=i/n]`.
+
+A sweep file defines `get_sweep()` returning a dict:
+
+    def get_sweep():
+      return {
+        'config': 'configs/mlp_fashion_mnist.py:local',   # file[:arg], as --config takes it
+        'fixed': {'total_steps': 600},                    # optional: every run, not in names
+        'overrides': sweep.product(sift=['dense', 'wide'], seed=[0, 1, 2]),  # or a list of dicts
+      }
+
+Override keys are the config argument's short forms (`sift`, `sparsity`, `rule`, `seed`), which
+join the argument after the colon, or any config key (`optim.lr`), passed as `--config.KEY=V`.
+Each run gets one workdir under the study's `runs/` named from its overrides, and is trained by
+`python -m sift_jax.main` in its own process, so a crash does not stop the sweep and each run's
+memory is returned. A run whose summary.json was written for exactly its config is skipped; an
+interrupted one resumes from its checkpoints (the trainer's own resume).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sift_jax import config_lib, metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCK = 'sweep.lock'  # host and pid of the trainer process working in a run's folder
+LOG = 'sweep.log'  # the trainer's stdout and stderr, appended per attempt
+
+
+def product(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+  """The grid of all combinations, the first axis varying slowest: product(a=[1, 2], b=[3])."""
+  for key, values in axes.items():
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+      raise ValueError(f'product({key}=...) needs a non-empty list of values, got {values!r}')
+  keys = list(axes)
+  return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One run of a sweep: its name, folder and the command line that trains it."""
+
+  name: str
+  workdir: str
+  config_arg: str  # path:arg for --config
+  flags: tuple[str, ...]  # --config.KEY=VALUE
+  overrides: Mapping[str, Any]
+
+  def argv(self) -> list[str]:
+    return [f'--config={self.config_arg}', *self.flags]
+
+  def command(self) -> list[str]:
+    return [sys.executable, '-m', 'sift_jax.main', *self.argv(), f'--workdir={self.workdir}']
+
+  def shell_command(self) -> str:
+    """The command as a scheduler would run it (`python` from its PATH)."""
+    return shlex.join(['python', *self.command()[1:]])
+
+
+def format_value(value: Any) -> str:
+  """A value as config_flags parses it back: True, 0.5, (32, 32), text."""
+  if isinstance(value, (list, tuple)):
+    return '(' + ''.join(f'{format_value(v)},' for v in value) + ')'
+  return str(value)
+
+
+def run_name(overrides: Mapping[str, Any]) -> str:
+  """sift-wide_sparsity-0.5_seed-0: readable, stable for a given sweep file, filesystem-safe."""
+  if not overrides:
+    return 'base'
+  name = '_'.join(f'{k}-{format_value(v)}' for k, v in overrides.items())
+  return re.sub(r'[^A-Za-z0-9.+-]+', '_', name).strip('_')
+
+
+def find_file(path: str, sweep_dir: str) -> str:
+  """A config path as given (cwd), else beside the sweep file, else under the repo root."""
+  for base in ('', sweep_dir, REPO):
+    candidate = os.path.join(base, path)
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  raise FileNotFoundError(
+    f'config file {path!r} not found in the working directory, {sweep_dir} or {REPO}'
+  )
+
+
+def shown_path(path: str) -> str:
+  """Relative to the working directory when under it (short commands), else absolute."""
+  rel = os.path.relpath(path)
+  return path if rel.startswith('..') else rel
+
+
+def load_sweep(path: str) -> dict[str, Any]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'sweep file {path!r} does not exist')
+  spec = importlib.util.spec_from_file_location('sift_jax_sweep_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_sweep'):
+    raise ValueError(f'sweep file {path} defines no get_sweep()')
+  sweep = module.get_sweep()
+  unknown = set(sweep) - {'config', 'fixed', 'overrides', 'runs_dir'}
+  if unknown or 'config' not in sweep:
+    raise ValueError(
+      f'get_sweep() of {path} returned keys {sorted(sweep)}; needs config, may have fixed, '
+      'overrides, runs_dir'
+    )
+  return sweep
+
+
+def make_runs(sweep_path: str) -> list[Run]:
+  """The runs of a sweep file, in its order, with their workdirs under runs_dir (default runs/)."""
+  sweep = load_sweep(sweep_path)
+  sweep_dir = os.path.dirname(os.path.abspath(sweep_path))
+  file, _, base_arg = sweep['config'].partition(':')
+  file = shown_path(find_file(file, sweep_dir))
+  overrides = sweep.get('overrides') or [{}]
+  if isinstance(overrides, Mapping):
+    overrides = product(**overrides)
+  runs_dir = shown_path(os.path.join(sweep_dir, sweep.get('runs_dir', 'runs')))
+  runs, seen = [], {}
+  for o in overrides:
+    name = run_name(o)
+    if name in seen:
+      raise ValueError(f'overrides {seen[name]} and {o} give the same run name {name!r}')
+    seen[name] = o
+    args = config_lib.parse_arg(base_arg)
+    keys = {**sweep.get('fixed', {}), **o}
+    args.update({k: str(v) for k, v in keys.items() if k in config_lib.SHORT_FORMS})
+    long = [
+      f'--config.{k}={format_value(v)}' for k, v in keys.items() if k not in config_lib.SHORT_FORMS
+    ]
+    arg = config_lib.join_arg(args)
+    runs.append(
+      Run(name, os.path.join(runs_dir, name), f'{file}:{arg}' if arg else file, tuple(long), o)
+    )
+  return runs
+
+
+def resolve_config(run: Run):
+  """The config the trainer will build from the run's command line (same parser as main.py)."""
+  values = flags.FlagValues()
+  argv = ['sweep', *run.argv()]
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def flat_json(obj: Any) -> dict[str, Any]:
+  """A config as flat {dotted key: JSON value}, tuples and lists alike."""
+  from sift_jax.train import flatten
+
+  return flatten(json.loads(json.dumps(metrics.plain(obj))))
+
+
+def read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  root = os.path.join(workdir, 'checkpoints')
+  return sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
+
+
+def lock_owner(workdir: str) -> int | None:
+  """The pid of a live trainer working in `workdir` on this host, or None."""
+  lock = read_json(os.path.join(workdir, LOCK))
+  if not lock or lock.get('host') != socket.gethostname():
+    return None
+  try:
+    os.kill(lock['pid'], 0)
+  except (ProcessLookupError, PermissionError):
+    return None
+  return lock['pid']
+
+
+def status(run: Run) -> tuple[str, str]:
+  """(state, detail): done, running, partial (checkpoints, resumes), new, or conflict."""
+  if lock_owner(run.workdir):
+    return 'running', f'pid {lock_owner(run.workdir)}'
+  saved = read_json(os.path.join(run.workdir, 'config.json'))
+  if saved is None:
+    return 'new', ''
+  want = flat_json(json.loads(resolve_config(run).to_json()))
+  have = flat_json(saved)
+  diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+  hard = [k for k in diff if k not in config_lib.RUN_LENGTH_KEYS]
+  if hard:
+    details = ', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in hard[:5])
+    return 'conflict', f'the folder holds a run of another config ({details})'
+  summary = os.path.join(run.workdir, 'summary.json')
+  config_path = os.path.join(run.workdir, 'config.json')
+  # config.json is rewritten at every (re)start, summary.json at the end: an older summary
+  # belongs to an earlier, shorter run of this folder. Other run-length keys (how often it
+  # logged) do not make a finished run unfinished.
+  if (
+    'total_steps' not in diff
+    and os.path.exists(summary)
+    and os.path.getmtime(summary) >= os.path.getmtime(config_path)
+  ):
+    return 'done', ''
+  steps = checkpoint_steps(run.workdir)
+  last = steps[-1] if steps else 0
+  return 'partial', f'resumes at step {last} of {want["total_steps"]}'
+
+
+def select_shard(runs: list[Run], shard: str | None) -> tuple[list[Run], str]:
+  """Every n-th run from i (--shard=i/n, else a SLURM job array's task, else all)."""
+  env = os.environ
+  if shard:
+    m = re.fullmatch(r'(\d+)/(\d+)', shard)
+    if not m or not int(m[1]) < int(m[2]):
+      raise ValueError(f'--shard={shard!r} must be i/n with 0 <= i < n, e.g. 0/4')
+    i, n = int(m[1]), int(m[2])
+  elif 'SLURM_ARRAY_TASK_ID' in env and 'SLURM_ARRAY_TASK_COUNT' in env:
+    i = int(env['SLURM_ARRAY_TASK_ID']) - int(env.get('SLURM_ARRAY_TASK_MIN', 0))
+    n = int(env['SLURM_ARRAY_TASK_COUNT'])
+    if not 0 <= i < n:
+      raise ValueError(f'SLURM array task {i} (after subtracting the minimum) is not in [0, {n})')
+  else:
+    return runs, ''
+  return runs[i::n], f' (shard {i}/{n})'
+
+
+def set_death_signal() -> None:
+  """In the child: receive SIGTERM when the sweep dies (the trainer then checkpoints and exits),
+  so a killed sweep never leaves an orphan writing into a run folder."""
+  if sys.platform.startswith('linux'):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def wait_for(pid: int, name: str) -> None:
+  print(f'{name}: waiting for pid {pid} (a trainer still working in this folder)', flush=True)
+  while True:
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return
+    time.sleep(0.5)
+
+
+def train(run: Run) -> int:
+  """Trains one run in a child process; returns its exit code (output appended to sweep.log)."""
+  os.makedirs(run.workdir, exist_ok=True)
+  env = dict(os.environ)
+  # The child imports the same sift_jax as this process, whatever the install.
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)
+  lock = os.path.join(run.workdir, LOCK)
+  with open(os.path.join(run.workdir, LOG), 'a') as log:
+    log.write(f'$ {shlex.join(run.command())}\n')
+    log.flush()
+    proc = subprocess.Popen(
+      run.command(), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=set_death_signal
+    )
+    with open(lock, 'w') as f:
+      json.dump({'host': socket.gethostname(), 'pid': proc.pid}, f)
+    try:
+      return proc.wait()
+    except KeyboardInterrupt:
+      proc.wait()  # it got the SIGINT too: it saves a checkpoint and exits
+      raise
+    finally:
+      if os.path.exists(lock):
+        os.remove(lock)
+
+
+def tail(path: str, lines: int = 15) -> str:
+  with open(path, errors='replace') as f:
+    return ''.join(f.readlines()[-lines:])
+
+
+def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
+  """Trains every run not done, one at a time; returns the names of the runs that failed."""
+  todo = [r for r in runs if status(r)[0] != 'done']
+  done = len(runs) - len(todo)
+  print(f'{len(runs)} runs{shard_note}: {done} done, {len(todo)} to run', flush=True)
+  failed, durations = [], []
+  for i, run in enumerate(todo):
+    state, detail = status(run)
+    if state == 'running':
+      wait_for(lock_owner(run.workdir), run.name)
+      state, detail = status(run)
+    if state == 'done':
+      done += 1
+      continue
+    left = len(todo) - i - 1
+    eta = metrics._hms(sum(durations) / len(durations) * (left + 1)) if durations else '?'
+    print(
+      f'[done {done}/{len(runs)}, running 1, left {left}, failed {len(failed)}, ETA {eta}] '
+      f'{run.name}: {"resuming, " + detail if state == "partial" else "starting"}',
+      flush=True,
+    )
+    if state == 'conflict':
+      print(f'  {run.name}: not run: {detail}', flush=True)
+      failed.append(run.name)
+      continue
+    t = time.time()
+    code = train(run)
+    if code == 0 and status(run)[0] == 'done':
+      durations.append(time.time() - t)
+      done += 1
+      summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
+      result = ', '.join(
+        f'{k} {summary[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in summary
+      )
+      print(f'  {run.name}: done in {time.time() - t:.0f} s ({result})', flush=True)
+    else:
+      failed.append(run.name)
+      log = os.path.join(run.workdir, LOG)
+      print(f'  {run.name}: FAILED (exit {code}); last lines of {log}:', flush=True)
+      print('    ' + tail(log).replace('\n', '\n    '), flush=True)
+  print(f'sweep finished: {done}/{len(runs)} done, {len(failed)} failed', flush=True)
+  return failed
+
+
+def print_status(runs: list[Run], shard_note: str = '') -> None:
+  """--dry_run: each run's state and what would run."""
+  states = [status(r) for r in runs]
+  counts = {s: sum(t == s for t, _ in states) for s in ('done', 'partial', 'new', 'running')}
+  print(
+    f'{len(runs)} runs{shard_note}: '
+    + ', '.join(f'{v} {k}' for k, v in counts.items())
+    + f', {sum(t == "conflict" for t, _ in states)} conflict',
+    flush=True,
+  )
+  for run, (state, detail) in zip(runs, states, strict=True):
+    print(f'{state:9s} {run.name}{": " + detail if detail else ""}')
+    if state != 'done':
+      print(f'          {run.shell_command()}')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2:
+    raise app.UsageError('usage: python -m sift_jax.sweep experiments/<study>/sweep.py [flags]')
+  try:
+    runs, note = select_shard(make_runs(argv[1]), _SHARD.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  if _PRINT.value:
+    for run in runs:
+      print(run.shell_command())
+  elif _DRY_RUN.value:
+    print_status(runs, note)
+  else:
+    try:
+      failed = run_sweep(runs, note)
+    except KeyboardInterrupt:
+      print('interrupted: rerun the same command to resume', flush=True)
+      sys.exit(130)
+    if failed:
+      sys.exit(1)
+
+
+if __name__ == '__main__':
+  # Defined only when run as a program: sweep files import this module for `product`.
+  _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs: which are done, what would run.')
+  _SHARD = flags.DEFINE_string('shard', None, 'i/n: run every n-th run from the i-th (0-based).')
+  _PRINT = flags.DEFINE_bool(
+    'print_commands', False, 'Print one python -m sift_jax.main line per run (this shard).'
+  )
+  app.run(main)

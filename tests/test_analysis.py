@@ -1,0 +1,187 @@
+"""The study report: results.csv, table.md (mean ± std by hand) and plots, from run folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from sift_jax.analysis import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (sift, rule, level): three seeds each; accuracy = base + 0.01 * seed, so std = 0.01 exactly.
+SETTINGS = {
+  ('dense', 'dense', 0.0): 0.80,
+  ('wide', 'rigl', 0.5): 0.83,
+  ('wide', 'rigl', 0.75): 0.85,
+  ('parallel', 'rigl', 0.5): 0.82,
+}
+STEPS, BATCH = 40, 8
+
+
+def write_run(folder, sift, rule, level, seed, accuracy, finished=True) -> None:
+  """A run folder as the trainer writes it: eval every 10 steps, log every 5."""
+  os.makedirs(folder)
+  config = {
+    'seed': seed,
+    'total_steps': STEPS,
+    'batch_size': BATCH,
+    'model': {'name': 'mlp'},
+    'data': {'name': 'digits', 'dir': f'/data{seed}'},  # ignored: where the data lives
+    'sift': {'name': sift},
+    'sparsity': {'rule': rule, 'level': level},
+  }
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  flops = 1000.0 * (1 - level) * (4 if sift == 'wide' else 1)
+  with open(os.path.join(folder, 'metrics.jsonl'), 'w') as f:
+    for step in range(5, STEPS + 1, 5):
+      row = {'step': step, 'train/loss': 1.0, 'train/step_time_s': 0.01 * (1 + seed)}
+      row['flops/train_per_example'] = flops * (2 if step <= 10 else 1)
+      if step % 10 == 0:
+        row['eval/accuracy'] = accuracy * step / STEPS
+      f.write(json.dumps(row) + '\n')
+      if step == 20:
+        # A resume logs steps again after its checkpoint; a SIGKILL can cut a line short.
+        f.write(json.dumps({**row, 'eval/accuracy': -1.0}) + '\n{"step": 2')
+        f.write('\n' + json.dumps(row) + '\n')
+  if finished:
+    summary = {
+      'eval/accuracy': accuracy,
+      'eval/loss': 1 - accuracy,
+      'params/total': 1000 * (2 if sift != 'dense' else 1),
+      'params/active': 1000 - seed,
+      'flops/forward_per_example': flops / 3,
+      'flops/train_per_example': flops,
+      'sparsity/density': 1 - level,
+      'wall_time_s': 10.0,
+    }
+    with open(os.path.join(folder, 'summary.json'), 'w') as f:
+      json.dump(summary, f)
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory):
+  root = tmp_path_factory.mktemp('study')
+  for (sift, rule, level), base in SETTINGS.items():
+    for seed in range(3):
+      write_run(
+        root / 'runs' / f'{sift}_{rule}_{level}_{seed}', sift, rule, level, seed, base + 0.01 * seed
+      )
+  write_run(root / 'runs' / 'unfinished', 'wide', 'rigl', 0.5, 7, 0.0, finished=False)
+  out = report.write_report(str(root))
+  return root, out
+
+
+def read_csv(path) -> list[dict[str, str]]:
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_settings_are_the_varying_keys_minus_seed(study):
+  _, out = study
+  assert out['setting_keys'] == ['sift.name', 'sparsity.rule', 'sparsity.level']
+  assert out['metric'] == 'eval/accuracy'
+  assert out['runs'] == 13
+
+
+def test_results_csv_has_one_row_per_run(study):
+  root, _ = study
+  rows = read_csv(root / 'results.csv')
+  assert len(rows) == 13
+  assert list(rows[0])[:8] == [
+    'run',
+    'sift.name',
+    'sparsity.rule',
+    'sparsity.level',
+    'seed',
+    'finished',
+    'step',
+    'total_steps',
+  ]
+  for column in report.COLUMNS:
+    assert column in rows[0]
+  by_run = {r['run']: r for r in rows}
+  wide = by_run['wide_rigl_0.75_2']
+  assert float(wide['eval/accuracy']) == pytest.approx(0.87)
+  assert float(wide['train/step_time_s']) == pytest.approx(0.03)  # median of log windows
+  assert by_run['unfinished']['finished'] == 'False'
+  assert by_run['unfinished']['step'] == str(STEPS)
+
+
+def test_table_values_are_mean_and_std_over_seeds(study):
+  root, out = study
+  table = (root / 'table.md').read_text()
+  assert table == out['table']
+  lines = table.splitlines()
+  assert lines[0] == (
+    '| sift | rule | s | n | eval/accuracy | params | active params | forward FLOPs/ex | '
+    'train FLOPs/ex | step time (ms) |'
+  )
+  rows = {tuple(c.strip() for c in line.strip('|').split('|')[:3]): line for line in lines[2:6]}
+  wide = [c.strip() for c in rows[('wide', 'rigl', '0.75')].strip('|').split('|')]
+  accuracies = [0.85, 0.86, 0.87]
+  active = [1000, 999, 998]
+  step_ms = [10, 20, 30]
+  assert wide[3] == '3'  # the unfinished run is left out
+  assert wide[4] == f'{np.mean(accuracies):.4f} ± {np.std(accuracies, ddof=1):.4f}'
+  assert wide[4] == '0.8600 ± 0.0100'
+  assert wide[5] == '2k'  # the same in every seed: no ± 0
+  assert wide[6] == f'{np.mean(active):.3g} ± {np.std(active, ddof=1):.3g}'
+  assert wide[8] == '1k'  # 1000 * 0.25 * 4
+  assert wide[9] == f'{np.mean(step_ms):.1f} ± {np.std(step_ms, ddof=1):.1f}'
+  assert '1 unfinished run(s) left out.' in table
+
+
+def test_cumulative_flops_charge_each_window_at_its_logged_rate():
+  rows = [
+    {'step': 5, 'flops/train_per_example': 2.0},
+    {'step': 10, 'flops/train_per_example': 2.0},
+    {'step': 30, 'flops/train_per_example': 1.0},
+  ]
+  np.testing.assert_allclose(report.cumulative_train_flops(rows, 4), [40, 80, 160])
+
+
+def test_curves_keep_the_later_row_of_a_resumed_step(study):
+  root, _ = study
+  runs = [report.read_run(w) for w in report.find_runs(str(root))]
+  curves = report.eval_curves(
+    runs, ['sift.name', 'sparsity.rule', 'sparsity.level'], 'eval/accuracy'
+  )
+  steps, flops, values = curves[('wide', 'rigl', 0.75)]
+  np.testing.assert_array_equal(steps, [10, 20, 30, 40])
+  np.testing.assert_allclose(values[:, 1], np.array([0.85, 0.86, 0.87]) / 2)  # not the -1.0 row
+  np.testing.assert_allclose(flops, np.array([20, 30, 40, 50]) * 1000 * BATCH)
+
+
+def test_plots_exist_and_are_images(study):
+  root, _ = study
+  for name in report.PLOTS:
+    data = (root / name).read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n', name
+    assert len(data) > 20_000, name  # axes, lines and legend drawn, not an empty canvas
+
+
+def test_text_runs_report_loss_in_nats_per_token_unit():
+  runs = [{'config': {'model.name': 'gpt', 'data.name': 'python_stdlib'}, 'summary': None}]
+  assert report.primary_metric(runs) == ('eval/loss', 'eval loss (nats/byte)', False)
+
+
+def test_cli_writes_into_out_and_rejects_an_empty_folder(study, tmp_path):
+  root, _ = study
+  env = {**os.environ, 'PYTHONPATH': REPO}
+  cmd = [sys.executable, '-m', 'sift_jax.analysis.report']
+  out = subprocess.run(
+    [*cmd, str(root), f'--out={tmp_path}/out'], env=env, capture_output=True, text=True
+  )
+  assert out.returncode == 0, out.stderr
+  assert '13 runs; wrote results.csv' in out.stdout
+  assert (tmp_path / 'out' / 'table.md').read_text() == (root / 'table.md').read_text()
+  empty = subprocess.run([*cmd, str(tmp_path / 'out')], env=env, capture_output=True, text=True)
+  assert empty.returncode == 2
+  assert 'error: no run folders (with a config.json) under' in empty.stderr
