@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import ml_collections
 
@@ -218,7 +219,10 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
+  # As ml_collections' config_flags: no argument when the command line gives none.
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def join_arg(args: dict[str, str | bool]) -> str:
@@ -320,6 +324,12 @@ def config_from_argv(
   return config, spec, rest
 
 
+def fail(message: str) -> NoReturn:
+  """A user-facing error of a command-line tool: one line on stderr, no traceback, exit 2."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def define_config_flag(argv: list[str], *, from_workdir: bool = False) -> tuple[str, list[str]]:
   """Defines the absl flag `config` from argv (see config_from_argv); returns the --config value
   and the argv to hand to app.run. A bad config is one line on stderr and exit 2."""
@@ -328,8 +338,7 @@ def define_config_flag(argv: list[str], *, from_workdir: bool = False) -> tuple[
   try:
     config, spec, rest = config_from_argv(argv, from_workdir=from_workdir)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    fail(str(e))
   config_flags.DEFINE_config_dict(
     'config', config, 'Experiment config (--config=<file>.py[:arg]).', sys_argv=rest
   )

@@ -41,12 +41,6 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join('runs', f'{name}_{stamp}')
 
 
-def fail(message: str) -> None:
-  """A user-facing error: one line on stderr, no traceback, exit 2."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -65,7 +59,7 @@ def main(argv: list[str]) -> None:
     print(str(e), flush=True)
     sys.exit(0)
   except (UserError, ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
-    fail(str(e))
+    config_lib.fail(str(e))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,75 @@
+"""The command-line tools, benchmarks and experiment scripts, each run at its smallest settings.
+
+They are subprocess runs of the files as a user starts them, so none can rot silently; the tools
+must describe the model the same config trains.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from sift_jax import config_lib, models, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(
+  args: list[str], cwd: str = REPO, timeout: float = 600, check: bool = True, **env
+) -> subprocess.CompletedProcess:
+  """Runs a command with this checkout first on the path; with `check`, asserts exit 0."""
+  full_env = {**os.environ, 'PYTHONPATH': REPO, **env}
+  out = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+  if check:
+    assert out.returncode == 0, f'{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}'
+  return out
+
+
+def python(*args: str, **kw) -> subprocess.CompletedProcess:
+  return run([sys.executable, *args], **kw)
+
+
+def test_flops_cli_describes_the_model_the_trainer_builds(tmp_path):
+  """gpt_small_wide:local is a 256-byte vocabulary: 1.7M params, 1.103x forward FLOPs."""
+  out = python('-m', 'sift_jax.flops', '--config=configs/gpt_small_wide.py:local', cwd=tmp_path)
+  exp = train.build_experiment(config_lib.load_config('configs/gpt_small_wide.py', 'local'))
+  params = sum(leaf.size for leaf in jax.tree.leaves(exp.abstract_state.params))
+  assert f'params: {params:,}' in out.stdout
+  ratio = exp.sift_flops.forward / exp.sift_flops.dense_forward
+  assert f'forward {ratio:.4f}x' in out.stdout
+  assert 1.09 < ratio < 1.11 and params < 2_000_000
+
+
+@pytest.mark.real_data
+def test_flops_cli_sizes_images_by_the_dataset(tmp_path):
+  """resnet18_cifar100:local trains on cifar10_jpg: a 10-class head, not 100."""
+  from sift_jax import data
+
+  c = config_lib.load_config('configs/resnet18_cifar100.py', 'local')
+  out = python('-m', 'sift_jax.flops', '--config=configs/resnet18_cifar100.py:local', cwd=tmp_path)
+  meta = data.build_dataset(c).meta
+  assert meta['num_classes'] == 10
+  assert f'params: {models.count_params(models.build_model(c, meta), c, meta):,}' in out.stdout
+
+
+def test_report_flags(tmp_path):
+  help_out = python('-m', 'sift_jax.sift.report', '--help', cwd=tmp_path, timeout=60, check=False)
+  assert '--levels' in help_out.stdout and '|' not in help_out.stdout  # help, not the table
+  out = python(
+    '-m',
+    'sift_jax.sift.report',
+    '--config=configs/gpt_small_wide.py:local',
+    '--members=wide',
+    '--levels=0.5',
+    cwd=tmp_path,
+  )
+  rows = [line for line in out.stdout.splitlines() if line.startswith('| wide')]
+  assert [r.split('|')[2].strip() for r in rows] == ['0.5', '0.5']  # plain and match_flops
+  assert '| 1.103x |' in rows[0]
+  assert re.search(r'dense 0\.84M params', out.stdout)
+  bad = python('-m', 'sift_jax.sift.report', '--members=wid', cwd=tmp_path, check=False)
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert 'pick from wide, parallel, factorized, doped' in bad.stderr
