@@ -350,6 +350,74 @@ def test_checksum_mismatch_names_file_and_sums(tmp_path):
     build_dataset(make_config('ptb', dir=str(tmp_path)))
 
 
+def write_ptb_gz(root: Path, damage) -> Path:
+  gz = root / files.PINS['ptb'][0].relpath
+  gz.parent.mkdir(parents=True, exist_ok=True)
+  gz.write_bytes(damage(bytearray(gzip.compress(b' the cat sat on the mat \n' * 200))))
+  return gz
+
+
+def truncate(data: bytearray) -> bytearray:
+  return data[: len(data) // 2]
+
+
+def flip_a_bit(data: bytearray) -> bytearray:
+  data[len(data) // 2] ^= 0x10
+  return data
+
+
+@pytest.mark.parametrize('damage', [truncate, flip_a_bit])
+def test_damaged_gz_is_a_checksum_error_not_a_gzip_error(tmp_path, damage):
+  gz = write_ptb_gz(tmp_path, damage)
+  with pytest.raises(files.DataFileError) as e:
+    build_dataset(make_config('ptb', dir=str(tmp_path)))
+  msg = str(e.value)
+  assert 'checksum mismatch' in msg and str(gz) in msg and files.PINS['ptb'][0].sha256 in msg
+  assert 'delete and re-fetch it' in msg
+
+
+def test_main_reports_a_damaged_gz_in_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  gz = tmp_path / files.PINS['fashion_mnist'][0].relpath
+  gz.parent.mkdir(parents=True)
+  gz.write_bytes(gzip.compress(b'\0' * 5000)[:100])
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, '-m', 'sift_jax.main', '--config=configs/mlp_fashion_mnist.py:local']
+    + [f'--config.data.dir={tmp_path}', f'--workdir={tmp_path / "run"}'],
+    cwd=tmp_path,
+    env={**os.environ, 'PYTHONPATH': repo},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert 'checksum mismatch' in out.stderr and str(gz) in out.stderr
+
+
+@pytest.mark.parametrize('damage', [truncate, flip_a_bit])
+def test_damaged_npz_cache_is_rebuilt_with_a_warning(tmp_path, damage, caplog):
+  path = tmp_path / 'cache.npz'
+  builds = []
+
+  def build(out: Path) -> None:
+    builds.append(out)
+    np.savez(out, x=np.arange(5000), y=np.ones(3))
+
+  def load(p: Path) -> dict:
+    with np.load(p) as z:
+      return {k: z[k] for k in z.files}
+
+  first = files.load_cache(path, load, build)
+  path.write_bytes(damage(bytearray(path.read_bytes())))
+  again = files.load_cache(path, load, build)
+  assert len(builds) == 2 and 'is unreadable' in caplog.text and str(path) in caplog.text
+  np.testing.assert_array_equal(again['x'], first['x'])
+  assert len(files.load_cache(path, load, build)['x']) == 5000 and len(builds) == 2
+
+
 def test_data_root_order(tmp_path, monkeypatch):
   c = make_config('digits')
   monkeypatch.setenv(files.DATA_ENV, str(tmp_path / 'env'))
@@ -388,6 +456,12 @@ def test_wikitext_tokenises_once_and_caches(tmp_path, monkeypatch):
 
   monkeypatch.setattr(text, '_gpt2_encoder', no_encoder)
   np.testing.assert_array_equal(build_dataset(c).train_tokens, d.train_tokens)
+  # A truncated token cache is rebuilt (said in a warning), not a numpy error.
+  for npy in (tmp_path / 'cache' / 'wikitext103').glob('*.npy'):
+    npy.write_bytes(npy.read_bytes()[:100])
+  monkeypatch.setattr(text, '_gpt2_encoder', CharEncoder)
+  rebuilt = build_dataset(c).train_tokens
+  np.testing.assert_array_equal(rebuilt, np.frombuffer(train_text.encode(), np.uint8))
   with pytest.raises(FileNotFoundError, match='wiki.train.raw'):
     build_dataset(make_config('wikitext103', dir=str(tmp_path / 'elsewhere')))
 

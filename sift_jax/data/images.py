@@ -277,19 +277,23 @@ def decode_jpg_archive(path: Path) -> dict[str, np.ndarray]:
   return out
 
 
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}  # reads (and CRC-checks) every array now
+
+
 @functools.lru_cache(maxsize=1)
 def _cifar10_jpg(root: Path) -> tuple[ArraySource, ArraySource]:
   pin = files.PINS['cifar10_jpg'][0]
   path = files.pinned_path('cifar10_jpg', pin, root)
-  cached = files.cache_dir() / 'cifar10_jpg' / f'{pin.sha256}.npz'
-  if not cached.is_file():
-    arrays = decode_jpg_archive(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
+
+  def build(cached: Path) -> None:
     tmp = cached.with_name(f'{cached.stem}.part.npz')
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **decode_jpg_archive(path))
     tmp.replace(cached)
-  with np.load(cached) as z:
-    return ArraySource(z['train_x'], z['train_y']), ArraySource(z['test_x'], z['test_y'])
+
+  z = files.load_cache(files.cache_dir() / 'cifar10_jpg' / f'{pin.sha256}.npz', _load_npz, build)
+  return ArraySource(z['train_x'], z['train_y']), ArraySource(z['test_x'], z['test_y'])
 
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -269,19 +269,19 @@ def gpt2_tokens(path: Path, chunk_lines: int = 10_000) -> np.ndarray:
   no token spans a chunk boundary.
   """
   cached = files.cache_dir() / 'wikitext103' / f'{path.name}.{files.sha256_file(path)[:16]}.npy'
-  if cached.is_file():
-    return np.load(cached, mmap_mode='r')
-  encoder = _gpt2_encoder()
-  lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
-  chunks = [''.join(lines[i : i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
-  encoded = encoder.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
-  tokens = np.concatenate([np.asarray(chunk, np.uint16) for chunk in encoded])
-  cached.parent.mkdir(parents=True, exist_ok=True)
-  tmp = cached.with_name(cached.name + f'.{os.getpid()}.part')
-  with open(tmp, 'wb') as f:
-    np.save(f, tokens)
-  os.replace(tmp, cached)
-  return tokens
+
+  def build(out: Path) -> None:
+    encoder = _gpt2_encoder()
+    lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
+    chunks = [''.join(lines[i : i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
+    encoded = encoder.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
+    tokens = np.concatenate([np.asarray(chunk, np.uint16) for chunk in encoded])
+    tmp = out.with_name(out.name + f'.{os.getpid()}.part')
+    with open(tmp, 'wb') as f:
+      np.save(f, tokens)
+    os.replace(tmp, out)
+
+  return files.load_cache(cached, lambda p: np.load(p, mmap_mode='r'), build)
 
 
 @_register('wikitext103', GPT2_VOCAB)
