@@ -108,7 +108,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.name = 'sgd'  # sgd | adamw
   c.optim.lr = 0.1  # peak learning rate
   c.optim.schedule = 'constant'  # constant | multistep | cosine
-  c.optim.warmup_steps = 0
+  c.optim.warmup_steps = 0  # > 0: linear warmup over this many steps (wins over the fraction)
+  c.optim.warmup_fraction = 0.0  # warmup over this fraction of total_steps (the papers' form)
   c.optim.decay_fractions = (0.3, 0.6, 0.8)  # multistep: where lr is multiplied by decay_factor
   c.optim.decay_factor = 0.2
   c.optim.end_lr = 0.0  # cosine: final learning rate

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sift_jax import config_lib, train
+from sift_jax import config_lib, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(f for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py'))
@@ -141,3 +141,38 @@ def test_eval_and_resume_with_only_the_workdir(tmp_path):
 def test_missing_config_and_workdir_is_one_line(tmp_path):
   out = run_module('sift_jax.main', [f'--workdir={tmp_path}', '--mode=eval'], str(tmp_path))
   assert_one_line_error(out, 'config.json does not exist', '--config=configs/<file>.py')
+
+
+@pytest.mark.parametrize(
+  'name,arg,warmup',
+  [
+    ('gpt_small_dense.py', None, 2_151),
+    ('gpt_small_dense.py', 'local', 100),
+    ('gpt_small_wide.py', 'local', 100),
+    ('resnet18_cifar100.py', None, 0),
+    ('resnet18_cifar100.py', 'local', 20),
+    ('resnet18_imagenet.py', None, 5 * 5_005),
+    ('resnet34_imagenet.py', 'local', 20),
+    ('mlp_fashion_mnist.py', 'local', 0),
+  ],
+)
+def test_configs_keep_their_warmup_steps(name, arg, warmup):
+  c = config_lib.load_config(f'configs/{name}', arg)
+  assert optim.warmup_steps(c.optim, c.total_steps) == warmup
+
+
+def test_shortening_a_run_shortens_its_warmup():
+  c = config_lib.load_config('configs/gpt_small_dense.py', 'local')
+  c.total_steps = 30
+  _, schedule = optim.make_optimizer(c.optim, c.total_steps)
+  assert optim.warmup_steps(c.optim, 30) == 10
+  assert float(schedule(5)) == pytest.approx(c.optim.lr / 2)
+  assert float(schedule(10)) == pytest.approx(c.optim.lr)
+  c.optim.warmup_steps = 50  # explicit steps win over the fraction, and must fit the run
+  with pytest.raises(ValueError, match=r'optim.warmup_steps=50 must be in \[0, total_steps=30\]'):
+    optim.make_optimizer(c.optim, c.total_steps)
+  c.optim.warmup_steps = 4
+  assert optim.warmup_steps(c.optim, 30) == 4
+  c.optim.warmup_fraction = 1.5
+  with pytest.raises(ValueError, match='optim.warmup_fraction=1.5'):
+    optim.make_optimizer(c.optim, c.total_steps)
