@@ -73,3 +73,94 @@ def test_report_flags(tmp_path):
   bad = python('-m', 'sift_jax.sift.report', '--members=wid', cwd=tmp_path, check=False)
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
   assert 'pick from wide, parallel, factorized, doped' in bad.stderr
+
+
+TINY_MLP = [
+  '--config.total_steps=4',
+  '--config.log_every_steps=2',
+  '--config.model.hidden=(16,)',
+  '--config.data.name=digits',
+  '--config.eval.max_examples=64',
+  '--config.batch_size=16',
+  '--config.progress=false',
+]
+
+
+def test_launcher_relays_the_run_not_the_collectives_chatter(tmp_path):
+  from sift_jax import launch
+
+  out = python(
+    '-m',
+    'sift_jax.launch',
+    '--processes=2',
+    '--',
+    '--config=configs/mlp_fashion_mnist.py:local',
+    *[f for f in TINY_MLP if 'progress' not in f],
+    f'--workdir={tmp_path / "run"}',
+    cwd=tmp_path,
+  )
+  lines = (out.stdout + out.stderr).strip().splitlines()
+  assert '[Gloo]' not in out.stdout + out.stderr
+  assert [line.split()[:2] for line in lines] == [['[p0]', 'step'], ['[p0]', 'step']], lines
+  assert (tmp_path / 'run' / 'summary.json').is_file()
+  gloo = '[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : '
+  assert launch.is_chatter(gloo + '3\n') and not launch.is_chatter(gloo + '4\n')
+  assert not launch.is_chatter('[Gloo] Rank 1 is NOT connected to: [2]\n')
+
+
+def test_mlp_rules_experiment_passes_flags_through(tmp_path):
+  out = run(
+    ['bash', os.path.join(REPO, 'experiments/mlp_rules/run.sh'), str(tmp_path / 'out'), *TINY_MLP],
+    cwd=tmp_path,
+    RULES='rigl',
+  )
+  rows = [
+    line
+    for line in out.stdout.splitlines()
+    if line.startswith('| dense') or line.startswith('| rigl')
+  ]
+  assert len(rows) == 2, out.stdout
+  assert '0.099609' in rows[1]  # rigl at 0.9 of the 16-unit MLP's sparse layers
+  with open(tmp_path / 'out' / 'rigl' / 'config.json') as f:
+    assert '"total_steps": 4' in f.read()
+
+
+BENCHMARKS = [
+  pytest.param(
+    ['step_time.py', '--cases=gpt_local', '--steps=1', '--windows=1', '--batch_size=8'],
+    'gpt_local',
+    id='step_time',
+  ),
+  pytest.param(
+    ['step_time_conv.py', '--batch=2', '--variants=default', '--repeats=1'],
+    'weight_grad',
+    id='step_time_conv',
+    marks=pytest.mark.slow,
+  ),
+  pytest.param(
+    ['sift_step_time.py', '--models=gpt', '--levels=0.5', '--members=wide', '--steps=1']
+    + ['--windows=1', '--batch_size=8'],
+    'wide',
+    id='sift_step_time',
+    marks=pytest.mark.slow,
+  ),
+  pytest.param(
+    ['sparsity_overhead.py', '--models=mlp', '--rules=static', '--windows=1', '--sizes=1e4']
+    + ['--scale_rules=rigl'],
+    'rigl',
+    id='sparsity_overhead',
+    marks=pytest.mark.slow,
+  ),
+  pytest.param(
+    ['scaling.py', '--layouts=1,2x1', '--steps=1', '--windows=1'],
+    '2x1',
+    id='scaling',
+    marks=pytest.mark.slow,
+  ),
+]
+
+
+@pytest.mark.parametrize('args,expect', BENCHMARKS)
+def test_benchmark_runs_at_its_smallest_settings(args, expect, tmp_path):
+  out = python(os.path.join(REPO, 'benchmarks', args[0]), *args[1:], cwd=tmp_path)
+  assert expect in out.stdout, out.stdout
