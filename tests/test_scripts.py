@@ -164,3 +164,16 @@ BENCHMARKS = [
 def test_benchmark_runs_at_its_smallest_settings(args, expect, tmp_path):
   out = python(os.path.join(REPO, 'benchmarks', args[0]), *args[1:], cwd=tmp_path)
   assert expect in out.stdout, out.stdout
+
+
+def test_export_without_a_checkpoint_is_one_line(tmp_path):
+  out = python(
+    '-m',
+    'sift_jax.sparsity.export',
+    f'--workdir={tmp_path}',
+    f'--out={tmp_path / "x"}',
+    cwd=tmp_path,
+    check=False,
+  )
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert f'no checkpoint under {tmp_path / "checkpoints"}' in out.stderr
