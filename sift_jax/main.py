@@ -27,7 +27,7 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum(
   'mode', 'train', train.MODES, 'train, or eval: evaluate the latest checkpoint of --workdir.'
 )
-# Set in __main__ (config_lib.define_config_flag): the --config value as given.
+# Set by `run` (config_lib.define_config_flag): the --config value as given.
 _CONFIG_SPEC = ''
 
 
@@ -62,6 +62,12 @@ def main(argv: list[str]) -> None:
     config_lib.fail(str(e))
 
 
+def run(argv: list[str]) -> None:
+  """The command line `argv` (argv[0] the program name): defines --config from it, then runs."""
+  global _CONFIG_SPEC
+  _CONFIG_SPEC, rest = config_lib.define_config_flag(argv, from_workdir=True)
+  app.run(main, argv=rest)
+
+
 if __name__ == '__main__':
-  _CONFIG_SPEC, _argv = config_lib.define_config_flag(sys.argv, from_workdir=True)
-  app.run(main, argv=_argv)
+  run(sys.argv)
