@@ -310,6 +310,8 @@ def config_from_argv(
   `config_flags.DEFINE_config_dict`, which applies the overrides.
   """
   spec, rest = _flag_value(argv, 'config')
+  if not spec and any(a.startswith(('--help', '-h', '-?')) for a in argv[1:]):
+    return base_config(), '', rest  # --help needs no config
   if spec:
     path, _, arg = spec.partition(':')
     config = load_config(path, arg or None)

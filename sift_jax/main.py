@@ -15,8 +15,7 @@ import sys
 
 from absl import app, flags, logging
 
-from sift_jax import config_lib, train
-from sift_jax.errors import UserError
+from sift_jax import config_lib, errors, train
 
 _WORKDIR = flags.DEFINE_string(
   'workdir',
@@ -58,7 +57,7 @@ def main(argv: list[str]) -> None:
   except train.Preempted as e:
     print(str(e), flush=True)
     sys.exit(0)
-  except (UserError, ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, errors.UserError, train.NonFiniteLossError) as e:
     config_lib.fail(str(e))
 
 

@@ -176,3 +176,8 @@ def test_shortening_a_run_shortens_its_warmup():
   c.optim.warmup_fraction = 1.5
   with pytest.raises(ValueError, match='optim.warmup_fraction=1.5'):
     optim.make_optimizer(c.optim, c.total_steps)
+
+
+def test_help_needs_no_config(tmp_path):
+  out = run_module('sift_jax.main', ['--help'], str(tmp_path))
+  assert '--workdir' in out.stdout and 'Traceback' not in out.stderr
