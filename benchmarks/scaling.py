@@ -75,7 +75,7 @@ def measure() -> dict[str, float]:
     'step_time_s': step_s,
     'devices': jax.device_count(),
     'processes': jax.process_count(),
-    'density': float(jax.device_get(m['sparsity/density'])),
+    'density': float(jax.device_get(exp.sparsity_metrics()(state)['sparsity/density'])),
   }
 
 
@@ -99,7 +99,9 @@ def run_layout(layout: str) -> dict[str, float]:
         raise RuntimeError(f'layout {layout}: a process exited with code {code}')
     else:
       env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={m.group(1)}'}
-      subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+      done = subprocess.run(command, env=env, capture_output=True, text=True)
+      if done.returncode:
+        raise RuntimeError(f'layout {layout}: the worker failed:\n{done.stderr[-3000:]}')
     with open(out) as f:
       return json.load(f)
 

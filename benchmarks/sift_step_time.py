@@ -46,11 +46,6 @@ def add_case(model: str, member: str, level: float, block: int = 0) -> str:
   return name
 
 
-def step_seconds(name: str, peak: float) -> float:
-  """The median step time of a case under the first XLA variant of --variants."""
-  return step_time.measure(name, peak)[step_time._VARIANTS.value[0]]['step_time_s']
-
-
 def executions(model: str, member: str) -> list[tuple[str, int]]:
   """(label, block) of each execution row of a member: masked is block 0."""
   rows = [('masked', 0)] if 'masked' in _EXECUTIONS.value else []
@@ -61,9 +56,13 @@ def executions(model: str, member: str) -> list[tuple[str, int]]:
 
 def flop_ratio(name: str) -> float:
   c = step_time.case_config(name)
-  meta = data.build_dataset(c, process_index=0, process_count=1).meta
-  r = report.sift_flops(c, meta)
+  r = report.sift_flops(c, data.dataset_meta(c))
   return r.forward / r.dense_forward
+
+
+def step_seconds(name: str, peak: float) -> float:
+  """Step time of a case compiled with the first of step_time's --variants (XLA's defaults)."""
+  return next(iter(step_time.measure(name, peak).values()))['step_time_s']
 
 
 def main(argv):

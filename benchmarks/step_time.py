@@ -5,7 +5,7 @@
   python benchmarks/step_time.py --cases=resnet18_local --variants=default,ynn_off
 
 For each case: examples/s, step time, model FLOP/s (3 x analytical forward FLOPs per example,
-SPEC.md's convention) and MFU = model FLOP/s / the float32 matmul peak measured in the same
+docs/methods.md's convention) and MFU = model FLOP/s / the float32 matmul peak measured in the same
 process. Timings are the median of --windows windows of --steps steps each, after compilation.
 --variants compiles the same step with other XLA compiler options (step_time_xla.VARIANTS) and
 times the variants in turns inside this one process, so their ratios hold on a shared machine.

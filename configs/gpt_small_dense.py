@@ -1,4 +1,4 @@
-"""GPT-3 Small on WikiText-103, dense (SPEC.md section 5), and its `local` CPU variant.
+"""GPT-3 Small on WikiText-103, dense (docs/methods.md section 5), and its `local` CPU variant.
 
 Full run (GPU/TPU pod; WikiText-103 raw files and the GPT-2 BPE under the data root):
   python -m sift_jax.main --config=configs/gpt_small_dense.py --workdir=runs/gpt_dense
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
   c.optim.name = 'adamw'
   c.optim.lr = 6e-4
   c.optim.schedule = 'cosine'
-  c.optim.warmup_steps = 2_151  # 10% of the run, as the paper's recipe
+  c.optim.warmup_fraction = 0.1  # 2,151 of 21,511 steps, as the paper's recipe
   c.optim.end_lr = 6e-5
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   c.optim.decay_norm_and_bias = False  # GPT practice: no decay on LayerNorm and biases
   c.optim.clip_norm = 1.0
 
-  c.sparsity.update_every_steps = 500  # the GPT runs' dT (SPEC.md section 3)
+  c.sparsity.update_every_steps = 500  # the GPT runs' dT (docs/methods.md section 3)
   c.sparsity.end_fraction = 0.8
 
   if args['local']:
@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
     c.data.name = 'python_stdlib'
     c.eval.max_examples = 512
     c.optim.lr = 2e-3  # a small model trains stably at a higher rate
-    c.optim.warmup_steps = 100
+    c.optim.warmup_fraction = 1 / 3  # 100 of 300 steps
     c.optim.end_lr = 2e-4
     c.sparsity.update_every_steps = 100
   config_lib.apply_short_forms(c, args)

@@ -1,4 +1,4 @@
-"""GPT-3 Small, Sparse Wide (SPEC.md section 1), on WikiText-103; `local` runs on one CPU.
+"""GPT-3 Small, Sparse Wide (docs/methods.md section 1), on WikiText-103; `local` runs on one CPU.
 
 Sparse Wide at s = 0.5 (static masks) widens d_model 768 -> 1092 and d_ff -> 4368 and keeps every
 transformed kernel at 50% sparsity, so the transformed layers cost the dense model's FLOPs.

@@ -1,4 +1,4 @@
-"""ResNet-56 on CIFAR-100 trained always-sparse with GSE, the GSE paper's setting (SPEC.md 3, 5).
+"""ResNet-56 on CIFAR-100 trained always-sparse with GSE, the GSE paper's setting (docs/methods.md 3, 5).
 
 Heddes et al., "Always-Sparse Training by Growing Connections with Guided Stochastic
 Exploration" (arXiv 2401.06898); values marked [code] are from the authors' release
@@ -19,7 +19,7 @@ with the GSE code's uniform init), dT = 100 (here 1000), updates until 75% of tr
 60%), and the stem and classifier dense (here sparse). gamma = 1 and alpha = 0.2 with cosine
 decay are the same.
 
-Kept different from the GSE code on purpose (sift_jax's rule semantics, SPEC.md section 3):
+Kept different from the GSE code on purpose (sift_jax's rule semantics, docs/methods.md section 3):
 every layer keeps its exact active count (the code grows and prunes with one global top-k over
 all layers, so layer densities drift from the initial distribution); the grow gradients are
 those of the training batch (the code draws 10 extra examples per class at each update);

@@ -1,4 +1,4 @@
-"""ResNet-18 (CIFAR stem) on CIFAR-100, the Sparse-IFT paper's recipe (SPEC.md section 5).
+"""ResNet-18 (CIFAR stem) on CIFAR-100, the Sparse-IFT paper's recipe (docs/methods.md section 5).
 
 Full run (GPU; CIFAR-100 prepared for tensorflow-datasets under the data root):
   python -m sift_jax.main --config=configs/resnet18_cifar100.py:sift=wide,sparsity=0.9,rule=rigl
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None):
     c.eval.max_examples = 1_000
     c.optim.lr = 0.05
     c.optim.schedule = 'cosine'
-    c.optim.warmup_steps = 20
+    c.optim.warmup_fraction = 1 / 15  # 20 of 300 steps
     c.sparsity.update_every_steps = 25
   config_lib.apply_short_forms(c, args)
   return c

@@ -1,4 +1,4 @@
-"""ResNet-18 (ImageNet stem) on ImageNet-2012 (SPEC.md section 5); `local` runs on one CPU.
+"""ResNet-18 (ImageNet stem) on ImageNet-2012 (docs/methods.md section 5); `local` runs on one CPU.
 
 Full run (GPU/TPU; imagenet2012 prepared for tensorflow-datasets under the data root):
   python -m sift_jax.main --config=configs/resnet18_imagenet.py:sift=wide,sparsity=0.9,rule=rigl
@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
   c.optim.decay_norm_and_bias = False
   c.optim.label_smoothing = 0.1
   c.optim.schedule = 'cosine'
-  c.optim.warmup_steps = 5 * STEPS_PER_EPOCH
+  c.optim.warmup_fraction = 5 / 90  # 5 of 90 epochs
 
   c.sparsity.update_every_steps = 100
   c.sparsity.end_fraction = 0.75
@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
     c.data.name = 'cifar10_jpg'
     c.eval.max_examples = 1_000
     c.optim.lr = 0.05
-    c.optim.warmup_steps = 20
+    c.optim.warmup_fraction = 0.1  # 20 of 200 steps
     c.sparsity.update_every_steps = 25
   config_lib.apply_short_forms(c, args)
   return c

@@ -1,16 +1,35 @@
-"""Shared pieces of the experiment configs: the default groups and the argument forms.
+"""Shared pieces of the experiment configs: the default groups, the argument forms, loading.
 
 Every file under configs/ builds its ConfigDict from `base_config()` and reads its
-argument through `parse_arg`, so the short forms of DESIGN.md (`local`, `sift=`,
-`sparsity=`, `rule=`, `seed=`) mean the same thing in every experiment family.
+argument through `parse_arg`, so the short forms (`local`, `sift=`, `sparsity=`, `rule=`,
+`seed=`) mean the same thing in every experiment family (docs/design.md).
+
+The config files ship with the package (`sift_jax/configs` is a link to the repository's
+`configs/`), so `configs/<file>.py` loads from any working directory.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import json
 import os
+import sys
+from pathlib import Path
+from typing import NoReturn
 
 import ml_collections
+
+from sift_jax.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / 'configs'
+CONFIG_PREFIX = 'configs/'
+SAVED_CONFIG = 'config.json'  # a run's config, written into its workdir
+
+
+class ConfigError(UserError, ValueError):
+  """A config file, argument or key that does not exist."""
+
 
 SHORT_FORMS = ('sift', 'sparsity', 'rule', 'seed')
 
@@ -42,7 +61,7 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
     if '=' in part:
       key, value = part.split('=', 1)
       if key not in SHORT_FORMS:
-        raise ValueError(
+        raise ConfigError(
           f'unknown config argument {key!r} in {arg!r}; allowed: local, '
           + ', '.join(f'{k}=' for k in SHORT_FORMS)
         )
@@ -50,7 +69,7 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
     elif part == 'local':
       out['local'] = True
     else:
-      raise ValueError(
+      raise ConfigError(
         f'unknown config argument {part!r} in {arg!r}; allowed: local, '
         + ', '.join(f'{k}=' for k in SHORT_FORMS)
       )
@@ -90,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.name = 'sgd'  # sgd | adamw
   c.optim.lr = 0.1  # peak learning rate
   c.optim.schedule = 'constant'  # constant | multistep | cosine
-  c.optim.warmup_steps = 0
+  c.optim.warmup_steps = 0  # > 0: linear warmup over this many steps (wins over the fraction)
+  c.optim.warmup_fraction = 0.0  # warmup over this fraction of total_steps (the papers' form)
   c.optim.decay_fractions = (0.3, 0.6, 0.8)  # multistep: where lr is multiplied by decay_factor
   c.optim.decay_factor = 0.2
   c.optim.end_lr = 0.0  # cosine: final learning rate
@@ -136,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sift.rounding = 'original'  # original (b = round(1/(1-s))) | exact
 
   c.analysis = ml_collections.ConfigDict()
-  c.analysis.spectral = False  # spectral metrics of the masks on eval steps (SPEC.md section 4)
+  c.analysis.spectral = False  # spectral metrics of the masks on eval steps (docs/methods.md section 4)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3  # keep the last K checkpoints
@@ -169,21 +189,47 @@ def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool])
   if 'rule' in args:
     c.sparsity.rule = str(args['rule'])
   if c.sparsity.rule == 'dense' and c.sparsity.level > 0:
-    raise ValueError(
+    raise ConfigError(
       f'rule=dense with sparsity={c.sparsity.level}: a dense run has no sparsity; '
       'pick a rule (static, set, rigl, topkast, gse, gmp) or drop sparsity='
     )
 
 
+def known_configs() -> list[str]:
+  """The shipped config files, as `configs/<file>.py`."""
+  return sorted(CONFIG_PREFIX + p.name for p in CONFIG_DIR.glob('*.py'))
+
+
+def resolve_config_path(path: str) -> str:
+  """`path` when it is a file; else `configs/<file>.py` (or `<file>.py`) from the shipped configs."""
+  if os.path.isfile(path):
+    return path
+  shipped = CONFIG_DIR / path.removeprefix(CONFIG_PREFIX)
+  if not os.path.isabs(path) and shipped.is_file():
+    return str(shipped)
+  names = [os.path.basename(k) for k in known_configs()]
+  close = difflib.get_close_matches(os.path.basename(path), names, n=1)
+  hint = f'did you mean {CONFIG_PREFIX}{close[0]}? ' if close else ''
+  raise ConfigError(
+    f'config file {path!r} does not exist (relative to {os.getcwd()} or the shipped configs); '
+    f'{hint}shipped: {", ".join(known_configs())}'
+  )
+
+
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """Loads `get_config(arg)` from a config file by path (for notebooks, tests, derived configs)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'config file {path!r} does not exist')
+  """Loads `get_config(arg)` from a config file (for notebooks, tests, derived configs).
+
+  `path` is a file path, or `configs/<file>.py` of the shipped configs from any directory.
+  """
+  path = resolve_config_path(path)
   name = 'sift_jax_config_' + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
+  # As ml_collections' config_flags: no argument when the command line gives none.
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def join_arg(args: dict[str, str | bool]) -> str:
@@ -191,3 +237,118 @@ def join_arg(args: dict[str, str | bool]) -> str:
   parts = ['local'] if args.get('local') else []
   parts += [f'{k}={v}' for k, v in args.items() if k != 'local']
   return ','.join(parts)
+
+
+def _tuples(value):
+  """JSON lists back to the tuples the config files use (block_shape, hidden, ...)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def load_saved_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was started with (its config.json)."""
+  path = os.path.join(workdir, SAVED_CONFIG)
+  if not os.path.isfile(path):
+    raise ConfigError(
+      f'{path} does not exist: --workdir alone works for a folder a run has written; '
+      'otherwise give --config=configs/<file>.py'
+    )
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'{path} is unreadable ({e}); give --config=configs/<file>.py') from e
+  return ml_collections.ConfigDict(_tuples(saved))
+
+
+def check_key(config: ml_collections.ConfigDict, key: str) -> None:
+  """Raises ConfigError naming the closest existing key when dotted `key` is not in config."""
+  node = config
+  for depth, part in enumerate(key.split('.')):
+    if isinstance(node, ml_collections.ConfigDict) and part in node:
+      node = node[part]
+      continue
+    known = sorted(flat_keys(config))
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f'; did you mean --config.{close[0]}?' if close else ''
+    group = '.'.join(key.split('.')[:depth]) or 'the config'
+    raise ConfigError(f'unknown config key --config.{key}: {group} has no {part!r}{hint}')
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every leaf key of config, dotted ('optim.lr')."""
+  out = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out += flat_keys(v, f'{prefix}{k}.')
+    else:
+      out.append(f'{prefix}{k}')
+  return out
+
+
+def _flag_value(argv: list[str], name: str) -> tuple[str | None, list[str]]:
+  """The value of `--name=V` / `--name V` in argv, and argv without it."""
+  rest, value, i = [], None, 0
+  while i < len(argv):
+    a = argv[i]
+    if a == f'--{name}' and i + 1 < len(argv):
+      value, i = argv[i + 1], i + 2
+      continue
+    if a.startswith(f'--{name}='):
+      value = a.split('=', 1)[1]
+    else:
+      rest.append(a)
+    i += 1
+  return value, rest
+
+
+def config_from_argv(
+  argv: list[str], *, from_workdir: bool = False
+) -> tuple[ml_collections.ConfigDict, str, list[str]]:
+  """Loads the config a command line names, checks its `--config.<key>` overrides.
+
+  `--config=<file>.py[:arg]` (any directory, see resolve_config_path), or with
+  `from_workdir`, no --config and `--workdir=DIR` holding a run's config.json. Returns the
+  config, the --config value ('' when it came from the workdir) and argv without --config, for
+  `config_flags.DEFINE_config_dict`, which applies the overrides.
+  """
+  spec, rest = _flag_value(argv, 'config')
+  if not spec and any(a.startswith(('--help', '-h', '-?')) for a in argv[1:]):
+    return base_config(), '', rest  # --help needs no config
+  if spec:
+    path, _, arg = spec.partition(':')
+    config = load_config(path, arg or None)
+  else:
+    workdir = _flag_value(argv, 'workdir')[0] if from_workdir else None
+    if not workdir:
+      also = ' (or --workdir=DIR of an earlier run)' if from_workdir else ''
+      raise ConfigError(f'missing --config=configs/<file>.py[:arg]{also}')
+    config, spec = load_saved_config(workdir), ''
+  for a in rest:
+    if a.startswith('--config.'):
+      check_key(config, a[len('--config.') :].split('=', 1)[0])
+  return config, spec, rest
+
+
+def fail(message: str) -> NoReturn:
+  """A user-facing error of a command-line tool: one line on stderr, no traceback, exit 2."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def define_config_flag(argv: list[str], *, from_workdir: bool = False) -> tuple[str, list[str]]:
+  """Defines the absl flag `config` from argv (see config_from_argv); returns the --config value
+  and the argv to hand to app.run. A bad config is one line on stderr and exit 2."""
+  from ml_collections import config_flags
+
+  try:
+    config, spec, rest = config_from_argv(argv, from_workdir=from_workdir)
+  except UserError as e:
+    fail(str(e))
+  config_flags.DEFINE_config_dict(
+    'config', config, 'Experiment config (--config=<file>.py[:arg]).', sys_argv=rest
+  )
+  return spec, rest

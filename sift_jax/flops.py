@@ -1,6 +1,6 @@
 """Analytical forward FLOPs, per layer and per model, from shapes only.
 
-Convention (SPEC.md section 1, DESIGN.md): 1 MAC = 2 FLOPs; only dots and convolutions count;
+Convention (docs/methods.md section 1, docs/design.md): 1 MAC = 2 FLOPs; only dots and convolutions count;
 attention scores and context count the full T x T; a masked weight counts at its layer's density.
 The forward pass is traced abstractly (jax.eval_shape) with `nn.intercept_methods` recording each
 Dense / Conv / Embed.attend call and each module that reports its own matmuls through a
@@ -116,7 +116,7 @@ def count_forward_flops(
 def training_flops_per_example(
   rule: Any, report: FlopReport, densities: Mapping[tuple[str, ...], float], step: int
 ) -> float:
-  """Training FLOPs per example at `step` (SPEC.md section 1), as the sparsity rule accounts them.
+  """Training FLOPs per example at `step` (docs/methods.md section 1), as the sparsity rule accounts them.
 
   Each rule states its own accounting (`Rule.training_flops`, sift_jax.sparsity.rules): dense
   3 f_D; static, SET, GSE and GMP 3 f_S with f_S the forward FLOPs at the masks' current
@@ -151,31 +151,21 @@ def format_table(report: FlopReport) -> str:
   return '\n'.join(lines)
 
 
-def _main(argv: list[str]) -> None:
-  from absl import flags
-
-  del argv
-  config = flags.FLAGS.config
-  if config.model.name in models.TEXT_MODELS:
-    context = config.model.get('context_length', models.MODEL_DEFAULTS['gpt']['context_length'])
-    meta = {
-      'vocab_size': flags.FLAGS.vocab_size,
-      'seq_len': config.data.get('seq_len', 0) or context,
-    }
-  else:
-    shape = tuple(int(s) for s in flags.FLAGS.image_shape.split(','))
-    meta = {'num_classes': flags.FLAGS.num_classes, 'image_shape': shape}
+def describe(config: ml_collections.ConfigDict) -> str:
+  """The per-layer table, parameter count, Sparse-IFT ratios and training FLOPs of the model
+  `config` trains (sized by its dataset's meta, as the trainer sizes it)."""
+  from sift_jax import data
   from sift_jax.sift import match  # sift_jax.sift builds on this module
   from sift_jax.sift import report as sift_report
 
+  meta = data.dataset_meta(config)
   model = models.build_model(config, meta)
   level = match.mask_level(config, meta)  # solved with sift.match_flops
   report = count_forward_flops(model, config, meta, uniform_densities(model, config, meta, level))
-  print(format_table(report))
-  print(f'params: {models.count_params(model, config, meta):,}')
+  lines = [format_table(report), f'params: {models.count_params(model, config, meta):,}']
   if config.sift.name != 'dense':
     r = sift_report.sift_flops(config, meta)
-    print(
+    lines.append(
       f'sift {r.name} at s={r.level:g} (masks at s={r.mask_level:.4f}) vs the dense model: '
       f'params {r.params / r.dense_params:.3f}x, active {r.active_params / r.dense_params:.3f}x, '
       f'forward {r.forward / r.dense_forward:.4f}x, '
@@ -185,17 +175,17 @@ def _main(argv: list[str]) -> None:
   rule = sparsity.make_rule(config, variables['params'], models.sparse_kernel_paths(variables))
   densities = uniform_densities(model, config, meta, level)
   train = training_flops_per_example(rule, report, densities, step=0)
-  print(f'training GFLOPs per example ({config.sparsity.rule}): {train / 1e9:.4f}')
+  lines.append(f'training GFLOPs per example ({config.sparsity.rule}): {train / 1e9:.4f}')
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':
   # Flags are defined here, not at import, so importing this module defines no global flags.
-  from absl import app, flags
-  from ml_collections import config_flags
+  import sys
 
-  config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=False)
-  flags.DEFINE_integer('vocab_size', 50257, 'text models: vocabulary size of the data')
-  flags.DEFINE_integer('num_classes', 100, 'image models: number of classes')
-  flags.DEFINE_string('image_shape', '32,32,3', 'image models: H,W,C of the data')
-  flags.mark_flag_as_required('config')
-  app.run(_main)
+  from absl import app, flags
+
+  from sift_jax import config_lib
+
+  _, _argv = config_lib.define_config_flag(sys.argv)
+  app.run(lambda argv: print(describe(flags.FLAGS.config)), argv=_argv)

@@ -16,6 +16,7 @@ On a real cluster nothing is launched from here: each host runs sift_jax.main it
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,6 +34,19 @@ ENV_PROCESS_ID = 'SIFT_PROCESS_ID'
 ENV_COORDINATOR = 'JAX_COORDINATOR_ADDRESS'
 # How long the surviving processes get to exit by themselves after one failed.
 _GRACE_S = 20.0
+# Gloo prints one line per collective context it connects, on std::cout with no switch to turn it
+# off (gloo/transport/tcp/context.cc); a complete connection says nothing worth reading. A partial
+# one (fewer peers than expected, and gloo's "is NOT connected to" line) is kept.
+_GLOO_CONNECTED = re.compile(
+  r'\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. '
+  r'Expected number of connected peer ranks is : (\d+)\s*$'
+)
+
+
+def is_chatter(line: str) -> bool:
+  """True for a collective library's routine line that the launcher does not relay."""
+  m = _GLOO_CONNECTED.match(line)
+  return bool(m) and m.group(1) == m.group(2)
 
 
 def initialize(config: ml_collections.ConfigDict) -> None:
@@ -76,6 +90,8 @@ def process_env(
   xla = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
   xla.append(f'--xla_force_host_platform_device_count={devices_per_process}')
   return {
+    # XLA's and the coordination service's C++ INFO lines (one per connection and barrier).
+    'TF_CPP_MIN_LOG_LEVEL': '1',
     **os.environ,
     ENV_NUM_PROCESSES: str(processes),
     ENV_PROCESS_ID: str(process_id),
@@ -87,6 +103,8 @@ def process_env(
 
 def _relay(stream, prefix: str, out) -> None:
   for line in iter(stream.readline, ''):
+    if is_chatter(line):
+      continue
     out.write(prefix + line)
     out.flush()
   stream.close()

@@ -1,6 +1,10 @@
 """Entry point: `python -m sift_jax.main --config=configs/<file>.py[:arg] [--workdir=DIR]`.
 
 Any config key can be overridden on the command line, e.g. `--config.optim.lr=0.05`.
+`configs/<file>.py` loads from any working directory (the configs ship with the package).
+With `--workdir=DIR` of an earlier run and no --config, the run's own DIR/config.json is used:
+`--mode=eval --workdir=DIR` evaluates it, `--workdir=DIR` alone resumes it (run-length keys such
+as --config.total_steps may still be overridden).
 """
 
 from __future__ import annotations
@@ -10,18 +14,20 @@ import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from sift_jax import errors, train
+from sift_jax import config_lib, errors, train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string(
-  'workdir', None, 'Run folder; rerunning with the same folder resumes. Default: a new runs/<name>.'
+  'workdir',
+  None,
+  'Run folder; rerunning with the same folder resumes. Default: a new runs/<name>. '
+  'Without --config, the config is read from DIR/config.json.',
 )
 _MODE = flags.DEFINE_enum(
   'mode', 'train', train.MODES, 'train, or eval: evaluate the latest checkpoint of --workdir.'
 )
-flags.mark_flags_as_required(['config'])
+# Set by `run` (config_lib.define_config_flag): the --config value as given.
+_CONFIG_SPEC = ''
 
 
 def default_workdir(config_arg: str) -> str:
@@ -37,24 +43,30 @@ def default_workdir(config_arg: str) -> str:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = flags.FLAGS.config
   workdir = _WORKDIR.value
   if workdir is None:
-    workdir = default_workdir(config_flags.get_config_filename(flags.FLAGS['config']))
+    workdir = default_workdir(_CONFIG_SPEC)
     print(f'workdir: {workdir}', flush=True)
   if not flags.FLAGS['verbosity'].present:
     # orbax and jax log every save and compile at INFO; the progress line is what people read.
     logging.set_verbosity(logging.WARNING)
-  logging.info('config:\n%s', _CONFIG.value)
+  logging.info('config:\n%s', config)
   try:
-    train.train_and_evaluate(_CONFIG.value, workdir, mode=_MODE.value)
+    train.train_and_evaluate(config, workdir, mode=_MODE.value)
   except train.Preempted as e:
     print(str(e), flush=True)
     sys.exit(0)
-  except (ValueError, FileNotFoundError, errors.UserError) as e:
-    # Bad input: one clear line, no traceback, non-zero exit.
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+  except (ValueError, FileNotFoundError, errors.UserError, train.NonFiniteLossError) as e:
+    config_lib.fail(str(e))
+
+
+def run(argv: list[str]) -> None:
+  """The command line `argv` (argv[0] the program name): defines --config from it, then runs."""
+  global _CONFIG_SPEC
+  _CONFIG_SPEC, rest = config_lib.define_config_flag(argv, from_workdir=True)
+  app.run(main, argv=rest)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run(sys.argv)

@@ -13,15 +13,29 @@ from sift_jax.registry import OPTIMIZERS
 SCHEDULES = ('constant', 'multistep', 'cosine')
 
 
+def warmup_steps(c: ml_collections.ConfigDict, total_steps: int) -> int:
+  """optim.warmup_steps when set (> 0), else round(optim.warmup_fraction * total_steps).
+
+  A fraction of the run is how the papers state warmup (GPT-3 Small: 2151 of 21511 steps), and
+  it keeps holding when a run is shortened with --config.total_steps alone.
+  """
+  fraction = c.get('warmup_fraction', 0.0)
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f'optim.warmup_fraction={fraction} must be in [0, 1]')
+  if c.warmup_steps < 0 or c.warmup_steps > total_steps:
+    raise ValueError(
+      f'optim.warmup_steps={c.warmup_steps} must be in [0, total_steps={total_steps}]: lower it '
+      'too, or set it to 0 and give optim.warmup_fraction (warmup as a fraction of the run)'
+    )
+  return int(c.warmup_steps) if c.warmup_steps else round(fraction * total_steps)
+
+
 def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warmup to `c.lr`, then constant, step decay or cosine decay to `c.end_lr`."""
   if c.schedule not in SCHEDULES:
     raise ValueError(f'unknown optim.schedule {c.schedule!r}; known: {", ".join(SCHEDULES)}')
-  if c.warmup_steps < 0 or c.warmup_steps > total_steps:
-    raise ValueError(
-      f'optim.warmup_steps={c.warmup_steps} must be in [0, total_steps={total_steps}]'
-    )
-  decay_steps = max(total_steps - c.warmup_steps, 1)
+  warmup = warmup_steps(c, total_steps)
+  decay_steps = max(total_steps - warmup, 1)
   if c.schedule == 'constant':
     main = optax.constant_schedule(c.lr)
   elif c.schedule == 'multistep':
@@ -29,14 +43,13 @@ def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
       if not 0 < f < 1:
         raise ValueError(f'optim.decay_fractions={tuple(c.decay_fractions)} must lie in (0, 1)')
     # Boundaries are fractions of the whole run (epochs 60/120/160 of 200 = 0.3/0.6/0.8).
-    boundaries = {int(f * total_steps) - c.warmup_steps: c.decay_factor for f in c.decay_fractions}
+    boundaries = {int(f * total_steps) - warmup: c.decay_factor for f in c.decay_fractions}
     main = optax.piecewise_constant_schedule(c.lr, boundaries)
   else:
     main = optax.cosine_decay_schedule(c.lr, decay_steps, alpha=c.end_lr / c.lr if c.lr else 0.0)
-  if c.warmup_steps == 0:
+  if warmup == 0:
     return main
-  warmup = optax.linear_schedule(0.0, c.lr, c.warmup_steps)
-  return optax.join_schedules([warmup, main], [c.warmup_steps])
+  return optax.join_schedules([optax.linear_schedule(0.0, c.lr, warmup), main], [warmup])
 
 
 def decay_mask(params):

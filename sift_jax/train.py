@@ -117,7 +117,7 @@ def inputs_and_labels(batch: dict[str, jax.Array], kind: str) -> tuple[jax.Array
 def make_train_step(model, tx, schedule, rule, kind: str, c: ml_collections.ConfigDict):
   """Returns the pure step (state, batch) -> (state, metrics); the caller jits it.
 
-  The data flow is DESIGN.md's: gradients are taken w.r.t. the weights the forward pass uses
+  The data flow is docs/design.md's: gradients are taken w.r.t. the weights the forward pass uses
   (dense even where masked: RigL's grow score), the rule maps them to the params, the optimizer
   step is masked afterwards, then the rule updates masks under lax.cond on its schedule. A rule
   that needs layer inputs and output gradients (GSE) gets them through zero perturbations.
@@ -689,7 +689,7 @@ def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
 
 
 def sift_facts(f) -> dict[str, Any]:
-  """The Sparse-IFT member against its dense original (SPEC.md section 1's two FLOP figures)."""
+  """The Sparse-IFT member against its dense original (docs/methods.md section 1's two FLOP figures)."""
   if f is None:
     return {}
   return {

@@ -12,7 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sift_jax import config_lib
+from sift_jax import data as data_lib
 from sift_jax.data import augment, build_dataset, files, text
+from sift_jax.data import images as images_lib
 
 DATA_DIR = os.environ.get(files.DATA_ENV, '')
 
@@ -137,19 +139,108 @@ def test_image_eval_padding_weights_and_max_examples():
   assert [b['image'].shape[0] for b in build_dataset(c).eval_batches()] == [12] * 9
 
 
+def eval_labels(d) -> np.ndarray:
+  return np.concatenate([b['label'][b['weights'] > 0] for b in d.eval_batches()])
+
+
+def assert_histogram_close(subset: np.ndarray, split: np.ndarray, num_classes: int, tol: float):
+  """Every class's share of the subset within `tol` of its share of the split."""
+  p_sub = np.bincount(subset, minlength=num_classes) / len(subset)
+  p_split = np.bincount(split, minlength=num_classes) / len(split)
+  assert np.abs(p_sub - p_split).max() <= tol, (p_sub, p_split)
+
+
+def test_eval_subset_of_a_class_sorted_split_is_stratified():
+  """A split stored class by class (as cifar10_jpg's sorted paths): the first k would be one
+  class; the subset holds each class at its share, exactly, for every seed and host count."""
+  labels = np.repeat(np.arange(7), [31, 29, 37, 41, 43, 23, 47])  # sorted, odd prime sizes
+  images = np.zeros((len(labels), 2, 2, 1), np.uint8)
+  source = images_lib.ArraySource(images, labels)
+  spec = images_lib.ImageSpec(7, (2, 2, 1), (0.0,), (1.0,))
+  c = make_config('digits')
+  c.eval.max_examples = 53
+  c.eval.batch_size = 8
+  d = images_lib.ImageDataset(c, source, source, spec)
+  got = eval_labels(d)
+  assert len(got) == 53 and len(np.unique(d.eval_indices())) == 53
+  counts = np.bincount(got, minlength=7)
+  assert np.abs(counts - 53 * np.bincount(labels) / len(labels)).max() < 1
+  c.seed = 5
+  np.testing.assert_array_equal(
+    images_lib.ImageDataset(c, source, source, spec).eval_indices(), d.eval_indices()
+  )
+  hosts = [
+    images_lib.ImageDataset(c, source, source, spec, process_index=p, process_count=2)
+    for p in range(2)
+  ]
+  parts = [list(h.eval_batches()) for h in hosts]
+  merged = np.concatenate(
+    [
+      np.concatenate([a['label'][a['weights'] > 0], b['label'][b['weights'] > 0]])
+      for a, b in zip(*parts, strict=True)
+    ]
+  )
+  np.testing.assert_array_equal(merged, got)
+
+
+def test_eval_subset_of_a_tfds_split_is_a_seeded_uniform_sample():
+  c = make_config('cifar10')
+  c.eval.max_examples = 40
+  with mock_tfds(200):
+    d = build_dataset(c)
+    idx = d.eval_indices()
+    assert len(np.unique(idx)) == 40 and idx.max() >= 100  # spread, not the first 40
+    c.seed = 3
+    np.testing.assert_array_equal(build_dataset(c).eval_indices(), idx)
+    split = d.eval_source.get(np.arange(200))[1]
+    assert_histogram_close(eval_labels(d), split, 10, tol=0.12)
+
+
+IMAGE_DATASETS = [
+  pytest.param('digits', 100, id='digits'),
+  pytest.param('fashion_mnist', 1000, id='fashion_mnist', marks=pytest.mark.real_data),
+  pytest.param('cifar10_jpg', 1000, id='cifar10_jpg', marks=pytest.mark.real_data),
+]
+
+
+@pytest.mark.parametrize('name,k', IMAGE_DATASETS)
+def test_eval_subset_label_histogram_matches_the_split(name, k):
+  c = make_config(name)
+  c.eval.max_examples = k
+  c.eval.batch_size = 500
+  d = build_dataset(c)
+  split = d.eval_source.labels
+  num_classes = d.meta['num_classes']
+  assert_histogram_close(eval_labels(d), split, num_classes, tol=1.0 / k)
+
+
 def test_text_eval_windows_are_consecutive():
+  d = build_dataset(make_config('python_stdlib'))
+  batches = list(itertools.islice(d.eval_batches(), 3))
+  assert [b['weights'].sum() for b in batches] == [12, 12, 12]
+  inputs = np.concatenate([b['inputs'] for b in batches])
+  targets = np.concatenate([b['targets'] for b in batches])
+  T = 17
+  expected = d.eval_tokens[: 36 * T + 1].astype(np.int32)
+  np.testing.assert_array_equal(inputs.reshape(-1), expected[:-1])
+  np.testing.assert_array_equal(targets.reshape(-1), expected[1:])
+  n = (len(d.eval_tokens) - 1) // T
+  assert sum(b['weights'].sum() for b in d.eval_batches()) == n
+
+
+def test_text_eval_subset_spreads_over_the_split():
   c = make_config('python_stdlib')
   c.eval.max_examples = 30
   d = build_dataset(c)
   batches = list(d.eval_batches())
   assert [b['weights'].sum() for b in batches] == [12, 12, 6]
-  inputs = np.concatenate([b['inputs'] for b in batches])[:30]
-  targets = np.concatenate([b['targets'] for b in batches])[:30]
-  T = 17
-  expected = d.eval_tokens[: 30 * T + 1].astype(np.int32)
-  np.testing.assert_array_equal(inputs.reshape(-1), expected[:-1])
-  np.testing.assert_array_equal(targets.reshape(-1), expected[1:])
   assert not batches[-1]['inputs'][6:].any()
+  n, T = (len(d.eval_tokens) - 1) // 17, 17
+  starts = np.arange(30) * n // 30 * T  # evenly spaced windows, first to last part of the split
+  inputs = np.concatenate([b['inputs'] for b in batches])[:30]
+  np.testing.assert_array_equal(inputs, d.eval_tokens[starts[:, None] + np.arange(T)])
+  assert starts[-1] > 0.9 * len(d.eval_tokens)
+  np.testing.assert_array_equal(d.eval_indices(), np.arange(30) * n // 30)
 
 
 def test_text_train_windows_shift_by_one():
@@ -259,6 +350,74 @@ def test_checksum_mismatch_names_file_and_sums(tmp_path):
     build_dataset(make_config('ptb', dir=str(tmp_path)))
 
 
+def write_ptb_gz(root: Path, damage) -> Path:
+  gz = root / files.PINS['ptb'][0].relpath
+  gz.parent.mkdir(parents=True, exist_ok=True)
+  gz.write_bytes(damage(bytearray(gzip.compress(b' the cat sat on the mat \n' * 200))))
+  return gz
+
+
+def truncate(data: bytearray) -> bytearray:
+  return data[: len(data) // 2]
+
+
+def flip_a_bit(data: bytearray) -> bytearray:
+  data[len(data) // 2] ^= 0x10
+  return data
+
+
+@pytest.mark.parametrize('damage', [truncate, flip_a_bit])
+def test_damaged_gz_is_a_checksum_error_not_a_gzip_error(tmp_path, damage):
+  gz = write_ptb_gz(tmp_path, damage)
+  with pytest.raises(files.DataFileError) as e:
+    build_dataset(make_config('ptb', dir=str(tmp_path)))
+  msg = str(e.value)
+  assert 'checksum mismatch' in msg and str(gz) in msg and files.PINS['ptb'][0].sha256 in msg
+  assert 'delete and re-fetch it' in msg
+
+
+def test_main_reports_a_damaged_gz_in_one_line(tmp_path):
+  import subprocess
+  import sys
+
+  gz = tmp_path / files.PINS['fashion_mnist'][0].relpath
+  gz.parent.mkdir(parents=True)
+  gz.write_bytes(gzip.compress(b'\0' * 5000)[:100])
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, '-m', 'sift_jax.main', '--config=configs/mlp_fashion_mnist.py:local']
+    + [f'--config.data.dir={tmp_path}', f'--workdir={tmp_path / "run"}'],
+    cwd=tmp_path,
+    env={**os.environ, 'PYTHONPATH': repo},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr[-2000:]
+  assert 'checksum mismatch' in out.stderr and str(gz) in out.stderr
+
+
+@pytest.mark.parametrize('damage', [truncate, flip_a_bit])
+def test_damaged_npz_cache_is_rebuilt_with_a_warning(tmp_path, damage, caplog):
+  path = tmp_path / 'cache.npz'
+  builds = []
+
+  def build(out: Path) -> None:
+    builds.append(out)
+    np.savez(out, x=np.arange(5000), y=np.ones(3))
+
+  def load(p: Path) -> dict:
+    with np.load(p) as z:
+      return {k: z[k] for k in z.files}
+
+  first = files.load_cache(path, load, build)
+  path.write_bytes(damage(bytearray(path.read_bytes())))
+  again = files.load_cache(path, load, build)
+  assert len(builds) == 2 and 'is unreadable' in caplog.text and str(path) in caplog.text
+  np.testing.assert_array_equal(again['x'], first['x'])
+  assert len(files.load_cache(path, load, build)['x']) == 5000 and len(builds) == 2
+
+
 def test_data_root_order(tmp_path, monkeypatch):
   c = make_config('digits')
   monkeypatch.setenv(files.DATA_ENV, str(tmp_path / 'env'))
@@ -297,6 +456,12 @@ def test_wikitext_tokenises_once_and_caches(tmp_path, monkeypatch):
 
   monkeypatch.setattr(text, '_gpt2_encoder', no_encoder)
   np.testing.assert_array_equal(build_dataset(c).train_tokens, d.train_tokens)
+  # A truncated token cache is rebuilt (said in a warning), not a numpy error.
+  for npy in (tmp_path / 'cache' / 'wikitext103').glob('*.npy'):
+    npy.write_bytes(npy.read_bytes()[:100])
+  monkeypatch.setattr(text, '_gpt2_encoder', CharEncoder)
+  rebuilt = build_dataset(c).train_tokens
+  np.testing.assert_array_equal(rebuilt, np.frombuffer(train_text.encode(), np.uint8))
   with pytest.raises(FileNotFoundError, match='wiki.train.raw'):
     build_dataset(make_config('wikitext103', dir=str(tmp_path / 'elsewhere')))
 
@@ -455,3 +620,33 @@ def test_real_cifar10_jpg():
   np.testing.assert_array_equal(np.bincount(d.eval_source.labels), [1000] * 10)
   b = d.train_batch(0)
   assert b['image'].shape == (12, 32, 32, 3) and abs(float(b['image'].mean())) < 0.5
+
+
+META_DATASETS = [
+  pytest.param('digits', id='digits'),
+  pytest.param('python_stdlib', id='python_stdlib'),
+  pytest.param('fashion_mnist', id='fashion_mnist', marks=pytest.mark.real_data),
+  pytest.param('cifar10_jpg', id='cifar10_jpg', marks=pytest.mark.real_data),
+  pytest.param('tiny_shakespeare', id='tiny_shakespeare', marks=pytest.mark.real_data),
+  pytest.param('ptb', id='ptb', marks=pytest.mark.real_data),
+]
+
+
+@pytest.mark.parametrize('name', META_DATASETS)
+def test_dataset_meta_is_the_built_datasets_meta(name):
+  c = make_config(name)
+  assert data_lib.dataset_meta(c) == build_dataset(c).meta
+
+
+def test_dataset_meta_needs_no_data_files(tmp_path):
+  c = make_config('wikitext103', dir=str(tmp_path))
+  c.model.context_length = 1024
+  c.data.seq_len = 0
+  assert data_lib.dataset_meta(c) == {'vocab_size': 50257, 'seq_len': 1024}
+  c.data.name = 'cifar100'
+  assert data_lib.dataset_meta(c) == {'num_classes': 100, 'image_shape': (32, 32, 3)}
+  c.data.name = 'imagenet2012'
+  assert data_lib.dataset_meta(c) == {'num_classes': 1000, 'image_shape': (224, 224, 3)}
+  with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+    c.data.name = 'mnist'
+    data_lib.dataset_meta(c)

@@ -200,8 +200,7 @@ def test_cli_prints_per_layer_table(tmp_path):
   )
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run(
-    [sys.executable, '-m', 'sift_jax.flops', f'--config={config_file}', '--num_classes=3']
-    + ['--image_shape=4,4,1'],
+    [sys.executable, '-m', 'sift_jax.flops', f'--config={config_file}'],
     env=env,
     cwd=REPO,
     capture_output=True,
@@ -209,9 +208,10 @@ def test_cli_prints_per_layer_table(tmp_path):
     check=True,
   ).stdout
   rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if '/' in line}
-  assert float(rows['hidden_0/kernel'][0]) == pytest.approx(2 * 16 * 13 / 1e6, abs=1e-3)
-  assert float(rows['hidden_0/kernel'][2]) == pytest.approx(16 * 13 / 1e6, abs=1e-3)
-  assert float(rows['classifier/kernel'][0]) == pytest.approx(2 * 13 * 3 / 1e6, abs=1e-3)
+  # Sized by the config's dataset (base_config: digits, 8x8x1 images, 10 classes).
+  assert float(rows['hidden_0/kernel'][0]) == pytest.approx(2 * 64 * 13 / 1e6, abs=1e-3)
+  assert float(rows['hidden_0/kernel'][2]) == pytest.approx(64 * 13 / 1e6, abs=1e-3)
+  assert float(rows['classifier/kernel'][0]) == pytest.approx(2 * 13 * 10 / 1e6, abs=1e-3)
   assert rows['hidden_0/kernel'][1] == '0.5000' and rows['classifier/kernel'][1] == '1.0000'
-  assert 'params: 263' in out  # 16 * 13 + 13 + 13 * 3 + 3
+  assert 'params: 985' in out  # 64 * 13 + 13 + 13 * 10 + 10
   assert 'training GFLOPs per example (static)' in out

@@ -361,9 +361,7 @@ def stall(self):
     time.sleep(600)
 checkpointing.Checkpointer._seal_pending = stall
 from sift_jax import main
-from absl import app
-sys.argv = ['main', *sys.argv[1:]]
-app.run(main.main)
+main.run(['main', *sys.argv[1:]])
 """
 
 

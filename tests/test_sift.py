@@ -262,7 +262,7 @@ def test_member_layers_are_iso_flop(name, level):
 
 
 def test_doped_sparse_uv_reproduces_released_flop_deficit():
-  # SPEC.md: the release's sparse U V leaves 0.75 / 0.44 / 0.19 of dense FLOPs.
+  # docs/methods.md: the release's sparse U V leaves 0.75 / 0.44 / 0.19 of dense FLOPs.
   for level, ratio in zip(LEVELS, (0.75, 0.44, 0.19), strict=True):
     v = abstract_init(build_dense('doped', level, 1024, doped_sparse_uv=True), jnp.ones((1, 1024)))
     assert macs(v, level) / 1024**2 == pytest.approx(ratio, abs=0.01)

@@ -149,7 +149,7 @@ def test_iso_flop_gpt_small_block(member, level):
 def test_iso_flop_gpt_small(member, level):
   r = check_iso_flop(*gpt_small(), GPT_META, member, level, whole_model=False)
   if member == 'wide':
-    # SPEC.md: attention scores and the LM head grow with width (+18% / +40%).
+    # docs/methods.md: attention scores and the LM head grow with width (+18% / +40%).
     expected = {0.5: 1.18, 0.75: 1.40}.get(level)
     if expected:
       assert r.forward / r.dense_forward == pytest.approx(expected, abs=0.03)

@@ -56,7 +56,7 @@ def sparse_paths(widths):
 
 
 class Harness:
-  """A tiny train loop that drives a rule exactly as the trainer does (DESIGN.md)."""
+  """A tiny train loop that drives a rule exactly as the trainer does (docs/design.md)."""
 
   def __init__(self, rule_name, widths=(13, 7), d_in=5, level=0.8, tx=None, seed=0, **kw):
     self.model = MLP(widths)

@@ -35,6 +35,7 @@ def tiny_config(family: str = 'mlp', arg: str = 'local'):
   c.progress = False
   c.optim.schedule = 'constant'
   c.optim.warmup_steps = 0
+  c.optim.warmup_fraction = 0.0
   c.eval.max_examples = 64
   c.batch_size = 16
   if family == 'gpt':

@@ -1,4 +1,4 @@
-"""Prints the markdown table of experiments/mlp_rules/run.sh from its run folders."""
+"""Prints the markdown table of experiments/mlp_rules/run.sh from its run folders (the rules run)."""
 
 import json
 import os
@@ -12,15 +12,18 @@ def main(out: str) -> None:
   print('|---|---|---|---|---|')
   for rule in ('dense', 'static', 'set', 'rigl', 'topkast', 'gse', 'gmp'):
     folder = os.path.join(out, rule)
+    if not os.path.isdir(folder):
+      continue
     with open(os.path.join(folder, 'summary.json')) as f:
       summary = json.load(f)
     with open(os.path.join(folder, 'metrics.jsonl')) as f:
       rows = [json.loads(line) for line in f]
     with open(os.path.join(folder, 'config.json')) as f:
       first_update = json.load(f)['sparsity']['update_every_steps']
-    densities = sorted({round(r['sparsity/density'], 6) for r in rows})
+    densities = sorted({round(r['sparsity/density'], 6) for r in rows if 'sparsity/density' in r})
     churns = [r.get('sparsity/churn', 0.0) for r in rows if r['step'] > first_update]
-    churn = f'{min(churns):.4f} / {max(churns):.4f}' if rule not in ('dense', 'static') else '-'
+    dynamic = rule not in ('dense', 'static') and churns
+    churn = f'{min(churns):.4f} / {max(churns):.4f}' if dynamic else '-'
     print(
       f'| {rule} | {summary["eval/accuracy"]:.4f} | {", ".join(map(str, densities))} | '
       f'{churn} | {summary["wall_time_s"]:.0f} |'

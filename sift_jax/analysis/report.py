@@ -1,6 +1,6 @@
 """A study's results: `python -m sift_jax.analysis.report experiments/<study> [--out=DIR]`.
 
-Reads every run folder under the study (any folder holding a config.json, DESIGN.md's "Outputs
+Reads every run folder under the study (any folder holding a config.json, docs/design.md's "Outputs
 of a run") and writes beside it:
 
 - results.csv: one row per run (its setting, seed, final metrics, sizes, FLOPs, step time);

@@ -1,4 +1,4 @@
-"""Spectral metrics of sparse masks as bipartite graphs (SPEC.md section 4, Ramanujan graphs).
+"""Spectral metrics of sparse masks as bipartite graphs (docs/methods.md section 4, Ramanujan graphs).
 
 A sparse kernel of shape (..., D_out) is the bipartite graph of its mask: left nodes are the
 prod(...) inputs (C_in*kh*kw for a conv), right nodes the D_out outputs, edges the active
@@ -34,7 +34,7 @@ from absl import logging
 
 from sift_jax.sparsity.plan import path_of
 
-MIN_DEGREE = 3  # SPEC.md: the scores are computed only where both average degrees are >= 3
+MIN_DEGREE = 3  # docs/methods.md: the scores are computed only where both average degrees are >= 3
 DENSE_SVD_BELOW = 64  # smaller sides: a dense eigensolve (ARPACK needs k < min(shape))
 SCORES = ('ramanujan_gap', 'weighted_gap', 'im_ramanujan_gap', 'im_weighted_gap')
 

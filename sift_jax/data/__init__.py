@@ -11,9 +11,9 @@ import ml_collections
 
 from sift_jax import registry
 from sift_jax.data import images, text, tfds_images  # noqa: F401  (they register the datasets)
-from sift_jax.data.base import Batch, Dataset
+from sift_jax.data.base import METAS, Batch, Dataset
 
-__all__ = ['Batch', 'Dataset', 'build_dataset']
+__all__ = ['Batch', 'Dataset', 'build_dataset', 'dataset_meta']
 
 
 def build_dataset(
@@ -22,3 +22,12 @@ def build_dataset(
   """The dataset `config.data.name`, as seen by process `process_index` of `process_count`."""
   build = registry.DATASETS.get(config.data.name)
   return build(config, process_index=process_index, process_count=process_count)
+
+
+def dataset_meta(config: ml_collections.ConfigDict) -> dict:
+  """`build_dataset(config).meta` (what the model is sized by: vocab_size and seq_len, or
+  num_classes and image_shape), without loading the data when the dataset's registration knows
+  it: the command-line tools describe the model a config trains without reading the corpus."""
+  build = registry.DATASETS.get(config.data.name)
+  meta = METAS.get(config.data.name)
+  return meta(config) if meta else build(config).meta

@@ -4,6 +4,12 @@ A training batch is a pure function of (config.seed, step): every random draw co
 Generator seeded by (seed, purpose, step) and is made for the whole GLOBAL batch, of which each
 process keeps its rows [p*B/P, (p+1)*B/P). Resuming at step N therefore needs nothing but N, and the
 hosts of a multi-host run agree on the global batch without talking to each other.
+
+Eval: the whole split in order, or with eval.max_examples = k a fixed sample of k examples spread
+over the split, the same for every seed and host: class-stratified when the labels are at hand
+(in-memory image splits), else a seeded uniform sample (TFDS splits); text takes k windows at
+evenly spaced positions of the eval tokens. Never the first k (a split sorted by class would
+yield one class).
 """
 
 from __future__ import annotations
@@ -11,17 +17,23 @@ from __future__ import annotations
 import abc
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
 
 Batch = dict[str, np.ndarray]
 
+# Dataset name -> (config) -> the meta its Dataset would have, computed without loading the data.
+METAS: dict[str, Callable[[ml_collections.ConfigDict], dict]] = {}
+
 # Distinct seed streams, so the draws of different purposes never coincide.
 STREAM_TEXT_WINDOWS = 0
 STREAM_EPOCH_PERMUTATION = 1
 STREAM_AUGMENT = 2
+STREAM_EVAL_SUBSET = 3
+# The eval subset does not depend on config.seed: runs of every seed score the same examples.
+EVAL_SUBSET_SEED = 0
 
 
 def rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -88,6 +100,16 @@ class Dataset(abc.ABC):
     """How many eval examples `_eval_rows` can index (before eval.max_examples)."""
     return self.num_eval_examples
 
+  def _eval_subset(self, n: int, k: int) -> np.ndarray:
+    """k of the n eval indices, sorted: a uniform sample without replacement."""
+    return np.sort(rng(EVAL_SUBSET_SEED, STREAM_EVAL_SUBSET, 0).choice(n, k, replace=False))
+
+  def eval_indices(self) -> np.ndarray:
+    """The global indices of the examples an evaluation scores, in order."""
+    n = self._eval_count()
+    k = self.eval_max_examples
+    return self._eval_subset(n, k) if 0 < k < n else np.arange(n)
+
   def train_iterator(self, start_step: int, prefetch: int = 3) -> Iterator[Batch]:
     """train_batch(start_step), train_batch(start_step + 1), ... built `prefetch` ahead in a thread.
 
@@ -126,18 +148,32 @@ class Dataset(abc.ABC):
       stop.set()
 
   def eval_batches(self) -> Iterator[Batch]:
-    """The eval split in order, capped at eval.max_examples, in global batches of
-    eval.batch_size; the last batch is padded with zero rows whose 'weights' are 0."""
-    n = self._eval_count()
-    if self.eval_max_examples:
-      n = min(n, self.eval_max_examples)
+    """The examples of `eval_indices` in global batches of eval.batch_size; the last batch is
+    padded with zero rows whose 'weights' are 0."""
+    indices = self.eval_indices()
+    n = len(indices)
     size = self.eval_batch_size
     rows = self.host_rows(size)
     for start in range(0, n, size):
-      indices = np.arange(start + rows.start, start + rows.stop)
-      valid = indices < n
-      batch = self._eval_rows(indices[valid])
-      pad = len(indices) - int(valid.sum())
+      positions = np.arange(start + rows.start, start + rows.stop)
+      valid = positions < n
+      batch = self._eval_rows(indices[positions[valid]])
+      pad = len(positions) - int(valid.sum())
       batch = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
       batch['weights'] = valid.astype(np.float32)
       yield batch
+
+
+def stratified_sample(labels: np.ndarray, k: int, generator: np.random.Generator) -> np.ndarray:
+  """k indices of `labels`, sorted, holding each class in proportion to the split (largest
+  remainders get the spare places), drawn uniformly within each class."""
+  classes, counts = np.unique(labels, return_counts=True)
+  exact = k * counts / len(labels)
+  quota = np.floor(exact).astype(np.int64)
+  spare = np.argsort(-(exact - quota), kind='stable')[: k - int(quota.sum())]
+  quota[spare] += 1
+  picks = [
+    generator.choice(np.flatnonzero(labels == c), q, replace=False)
+    for c, q in zip(classes, quota, strict=True)
+  ]
+  return np.sort(np.concatenate(picks))

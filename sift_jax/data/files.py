@@ -23,9 +23,18 @@ import hashlib
 import os
 import sys
 import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import ml_collections
+from absl import logging
+
+from sift_jax.errors import UserError
+
+T = TypeVar('T')
 
 DATA_ENV = 'SIFT_DATA_DIR'
 CACHE_ENV = 'SIFT_CACHE_DIR'
@@ -104,6 +113,11 @@ PINS: dict[str, tuple[PinnedFile, ...]] = {
   ),
 }
 
+
+class DataFileError(UserError, ValueError):
+  """A dataset file that is corrupt or a different version than the pinned one."""
+
+
 # sha256 of files already verified in this process, keyed by (path, size, mtime).
 _VERIFIED: dict[tuple[str, int, int], str] = {}
 
@@ -164,11 +178,19 @@ def read_pinned(name: str, pin: PinnedFile, root: Path) -> bytes:
     if actual == pin.sha256:
       return gzip.decompress(path.read_bytes()) if pin.raw_sha256 else path.read_bytes()
     if not pin.raw_sha256:
-      raise ValueError(
+      raise DataFileError(
         f'dataset {name!r}: checksum mismatch for {path}: expected sha256 {pin.sha256}, '
         f'got {actual}; the file is corrupt or a different version: delete and re-fetch it'
       )
-    data = gzip.decompress(path.read_bytes())
+    # Another compressor's .gz of the same contents is fine; a damaged one fails to inflate.
+    try:
+      data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as e:
+      raise DataFileError(
+        f'dataset {name!r}: checksum mismatch for {path}: expected sha256 {pin.sha256}, got '
+        f'{actual}, and it does not decompress ({e}); the file is truncated or corrupt: '
+        'delete and re-fetch it'
+      ) from None
     expected = pin.raw_sha256
   elif pin.raw_sha256 and (plain := root / pin.relpath.removesuffix('.gz')).is_file():
     path, data, expected = plain, plain.read_bytes(), pin.raw_sha256
@@ -176,7 +198,7 @@ def read_pinned(name: str, pin: PinnedFile, root: Path) -> bytes:
     raise _missing_error(pin, root, name)
   actual = sha256_bytes(data)
   if actual != expected:
-    raise ValueError(
+    raise DataFileError(
       f'dataset {name!r}: checksum mismatch for {path}: expected sha256 {pin.sha256} of the .gz or '
       f'{expected} of the decompressed bytes, got {actual} (decompressed); the file is corrupt or '
       'a different version: delete and re-fetch it'
@@ -191,11 +213,29 @@ def pinned_path(name: str, pin: PinnedFile, root: Path) -> Path:
     raise _missing_error(pin, root, name)
   actual = sha256_file(path)
   if actual != pin.sha256:
-    raise ValueError(
+    raise DataFileError(
       f'dataset {name!r}: checksum mismatch for {path}: expected sha256 {pin.sha256}, got '
       f'{actual}; the file is corrupt or a different version: delete and re-fetch it'
     )
   return path
+
+
+# What numpy and zipfile raise for a truncated or corrupted .npy / .npz.
+CACHE_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def load_cache(path: Path, load: Callable[[Path], T], build: Callable[[Path], None]) -> T:
+  """`load(path)` of a derived cache; `build(path)` writes it first when it is missing, and again,
+  after a warning naming the file, when it is unreadable (truncated, corrupted)."""
+  if path.is_file():
+    try:
+      return load(path)
+    except CACHE_ERRORS as e:
+      logging.warning('cache %s is unreadable (%s: %s); rebuilding it', path, type(e).__name__, e)
+      path.unlink(missing_ok=True)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  build(path)
+  return load(path)
 
 
 def download(name: str, root: Path | None = None) -> list[Path]:

@@ -32,7 +32,17 @@ from PIL import Image
 
 from sift_jax import registry
 from sift_jax.data import augment, files
-from sift_jax.data.base import STREAM_AUGMENT, STREAM_EPOCH_PERMUTATION, Batch, Dataset, rng
+from sift_jax.data.base import (
+  EVAL_SUBSET_SEED,
+  METAS,
+  STREAM_AUGMENT,
+  STREAM_EPOCH_PERMUTATION,
+  STREAM_EVAL_SUBSET,
+  Batch,
+  Dataset,
+  rng,
+  stratified_sample,
+)
 
 CIFAR_PAD = 4
 IMAGENET_SIZE = 224
@@ -51,6 +61,10 @@ class ImageSpec:
   std: tuple[float, ...]
   augment: str = 'none'  # one of AUGMENTS
   scale: float = 255.0  # the pixel value that means 1.0
+
+  def meta(self) -> dict:
+    """What the model is sized by."""
+    return {'num_classes': self.num_classes, 'image_shape': tuple(self.image_shape)}
 
 
 class ImageSource(Protocol):
@@ -99,7 +113,7 @@ class ImageDataset(Dataset):
     self.eval_source = eval_source
     self.spec = spec
     self.augment = bool(config.data.augment)
-    self.meta = {'num_classes': spec.num_classes, 'image_shape': tuple(spec.image_shape)}
+    self.meta = spec.meta()
     self.num_train_examples = len(train)
     self.num_eval_examples = len(eval_source)
     self._mean = np.asarray(spec.mean, np.float32)
@@ -159,6 +173,12 @@ class ImageDataset(Dataset):
     images, labels = self.train_source.get(self.train_indices(step))
     return self._batch(self._train_pixels(images, step), labels)
 
+  def _eval_subset(self, n: int, k: int) -> np.ndarray:
+    labels = getattr(self.eval_source, 'labels', None)
+    if labels is None:  # reading every label of a TFDS split would decode every image
+      return super()._eval_subset(n, k)
+    return stratified_sample(labels, k, rng(EVAL_SUBSET_SEED, STREAM_EVAL_SUBSET, 0))
+
   def _eval_rows(self, indices: np.ndarray) -> Batch:
     images, labels = self.eval_source.get(indices)
     return self._batch(self._eval_pixels(images), labels)
@@ -185,6 +205,7 @@ def register_images(name: str, spec: ImageSpec) -> Callable[[Loader], Loader]:
         process_count=process_count,
       )
 
+    METAS[name] = lambda config: spec.meta()
     return load
 
   return wrap
@@ -256,19 +277,23 @@ def decode_jpg_archive(path: Path) -> dict[str, np.ndarray]:
   return out
 
 
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}  # reads (and CRC-checks) every array now
+
+
 @functools.lru_cache(maxsize=1)
 def _cifar10_jpg(root: Path) -> tuple[ArraySource, ArraySource]:
   pin = files.PINS['cifar10_jpg'][0]
   path = files.pinned_path('cifar10_jpg', pin, root)
-  cached = files.cache_dir() / 'cifar10_jpg' / f'{pin.sha256}.npz'
-  if not cached.is_file():
-    arrays = decode_jpg_archive(path)
-    cached.parent.mkdir(parents=True, exist_ok=True)
+
+  def build(cached: Path) -> None:
     tmp = cached.with_name(f'{cached.stem}.part.npz')
-    np.savez(tmp, **arrays)
+    np.savez(tmp, **decode_jpg_archive(path))
     tmp.replace(cached)
-  with np.load(cached) as z:
-    return ArraySource(z['train_x'], z['train_y']), ArraySource(z['test_x'], z['test_y'])
+
+  z = files.load_cache(files.cache_dir() / 'cifar10_jpg' / f'{pin.sha256}.npz', _load_npz, build)
+  return ArraySource(z['train_x'], z['train_y']), ArraySource(z['test_x'], z['test_y'])
 
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -3,7 +3,9 @@
 Every corpus becomes a train and an eval token array. Train example = a window of T+1 tokens at a
 random start (starts drawn for the global batch from (seed, step)); inputs are its first T tokens,
 targets its last T. Eval examples are consecutive windows of T+1 tokens with stride T, so every
-eval token after the first is a target exactly once; the last partial window is dropped.
+eval token after the first is a target exactly once; the last partial window is dropped. With
+eval.max_examples = k < the window count, the k windows are taken at evenly spaced positions
+(window floor(i n / k) for i < k), so a short eval covers the whole split, not its beginning.
 `num_train_examples` / `num_eval_examples` count TOKENS of the two splits, not windows.
 
 Corpora:
@@ -36,10 +38,23 @@ import tiktoken
 
 from sift_jax import registry
 from sift_jax.data import files
-from sift_jax.data.base import STREAM_TEXT_WINDOWS, Batch, Dataset, rng
+from sift_jax.data.base import METAS, STREAM_TEXT_WINDOWS, Batch, Dataset, rng
 
 DEFAULT_MAX_BYTES = 20_000_000
+BYTE_VOCAB = 256
+GPT2_VOCAB = 50257
 _STDLIB_EVAL_EVERY = 20
+
+
+def text_seq_len(config: ml_collections.ConfigDict) -> int:
+  """Tokens per example: data.seq_len, else the model's context length."""
+  seq_len = int(config.data.seq_len or config.model.get('context_length', 0))
+  if seq_len <= 0:
+    raise ValueError(
+      f'data.seq_len={config.data.seq_len} and model.context_length='
+      f'{config.model.get("context_length")}: set one of them to the tokens per example'
+    )
+  return seq_len
 
 
 class TextDataset(Dataset):
@@ -58,12 +73,7 @@ class TextDataset(Dataset):
     process_count: int = 1,
   ):
     super().__init__(config, process_index, process_count)
-    seq_len = int(config.data.seq_len or config.model.get('context_length', 0))
-    if seq_len <= 0:
-      raise ValueError(
-        f'data.seq_len={config.data.seq_len} and model.context_length='
-        f'{config.model.get("context_length")}: set one of them to the tokens per example'
-      )
+    seq_len = text_seq_len(config)
     name = config.data.name
     for split, tokens in (('train', train), ('eval', eval_tokens)):
       if len(tokens) < seq_len + 1:
@@ -92,6 +102,9 @@ class TextDataset(Dataset):
   def _eval_count(self) -> int:
     return (len(self.eval_tokens) - 1) // self.seq_len
 
+  def _eval_subset(self, n: int, k: int) -> np.ndarray:
+    return np.arange(k) * n // k
+
   def _eval_rows(self, indices: np.ndarray) -> Batch:
     return self._windows(self.eval_tokens, indices * self.seq_len, self.seq_len)
 
@@ -99,8 +112,11 @@ class TextDataset(Dataset):
 Loader = Callable[[ml_collections.ConfigDict], tuple[np.ndarray, np.ndarray, int]]
 
 
-def _register(name: str) -> Callable[[Loader], Loader]:
-  """Registers a corpus loader, (config) -> (train tokens, eval tokens, vocab size), as a dataset."""
+def _register(name: str, vocab_size: int = 0) -> Callable[[Loader], Loader]:
+  """Registers a corpus loader, (config) -> (train tokens, eval tokens, vocab size), as a dataset.
+
+  A fixed `vocab_size` (bytes, a fixed tokenizer) lets `dataset_meta` skip loading the corpus.
+  """
 
   def wrap(load: Loader) -> Loader:
     @registry.DATASETS.register(name)
@@ -117,6 +133,8 @@ def _register(name: str) -> Callable[[Loader], Loader]:
         process_count=process_count,
       )
 
+    if vocab_size:
+      METAS[name] = lambda config: {'vocab_size': vocab_size, 'seq_len': text_seq_len(config)}
     return load
 
   return wrap
@@ -140,14 +158,14 @@ def _stdlib_corpus(stdlib: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]
   return train, eval_bytes
 
 
-@_register('python_stdlib')
+@_register('python_stdlib', BYTE_VOCAB)
 def load_python_stdlib(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
   max_bytes = int(config.data.get('max_bytes', DEFAULT_MAX_BYTES))
   if max_bytes <= 0:
     raise ValueError(f'data.max_bytes={max_bytes}: need a positive byte cap')
   stdlib = sysconfig.get_paths()['stdlib']
   train, eval_bytes = _stdlib_corpus(stdlib, max_bytes)
-  return train, eval_bytes, 256
+  return train, eval_bytes, BYTE_VOCAB
 
 
 @functools.lru_cache(maxsize=2)
@@ -205,18 +223,17 @@ def _glob_bytes(key: str, patterns: str) -> np.ndarray:
   return np.frombuffer(b''.join(data), np.uint8)
 
 
-@_register('text_files')
+@_register('text_files', BYTE_VOCAB)
 def load_text_files(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
   return (
     _glob_bytes('train_files', config.data.train_files),
     _glob_bytes('eval_files', config.data.eval_files),
-    256,
+    BYTE_VOCAB,
   )
 
 
 WIKITEXT_DIRS = ('wikitext-103-raw', 'wikitext-103', '.')
 WIKITEXT_URL = 'https://huggingface.co/datasets/Salesforce/wikitext (wikitext-103-raw-v1)'
-GPT2_VOCAB = 50257
 
 
 def _gpt2_encoder() -> tiktoken.Encoding:
@@ -252,22 +269,22 @@ def gpt2_tokens(path: Path, chunk_lines: int = 10_000) -> np.ndarray:
   no token spans a chunk boundary.
   """
   cached = files.cache_dir() / 'wikitext103' / f'{path.name}.{files.sha256_file(path)[:16]}.npy'
-  if cached.is_file():
-    return np.load(cached, mmap_mode='r')
-  encoder = _gpt2_encoder()
-  lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
-  chunks = [''.join(lines[i : i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
-  encoded = encoder.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
-  tokens = np.concatenate([np.asarray(chunk, np.uint16) for chunk in encoded])
-  cached.parent.mkdir(parents=True, exist_ok=True)
-  tmp = cached.with_name(cached.name + f'.{os.getpid()}.part')
-  with open(tmp, 'wb') as f:
-    np.save(f, tokens)
-  os.replace(tmp, cached)
-  return tokens
+
+  def build(out: Path) -> None:
+    encoder = _gpt2_encoder()
+    lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
+    chunks = [''.join(lines[i : i + chunk_lines]) for i in range(0, len(lines), chunk_lines)]
+    encoded = encoder.encode_ordinary_batch(chunks, num_threads=os.cpu_count() or 1)
+    tokens = np.concatenate([np.asarray(chunk, np.uint16) for chunk in encoded])
+    tmp = out.with_name(out.name + f'.{os.getpid()}.part')
+    with open(tmp, 'wb') as f:
+      np.save(f, tokens)
+    os.replace(tmp, out)
+
+  return files.load_cache(cached, lambda p: np.load(p, mmap_mode='r'), build)
 
 
-@_register('wikitext103')
+@_register('wikitext103', GPT2_VOCAB)
 def load_wikitext103(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
   root = files.data_root(config)
   return (

@@ -46,7 +46,7 @@ def width_factor(config: ml_collections.ConfigDict) -> float:
 def scale_width(config: ml_collections.ConfigDict, width: int, multiple_of: int = 1) -> int:
   """`width` times the width factor: truncated, or rounded up to a multiple (GPT head count).
 
-  The two roundings are the original code's (SPEC.md section 1): ResNet widths truncate
+  The two roundings are the original code's (docs/methods.md section 1): ResNet widths truncate
   (64 -> 90 at b = 2) and GPT's d_model rounds up to a multiple of the heads (768 -> 1092).
   """
   return sizes.scale_width(width, width_factor(config), multiple_of)

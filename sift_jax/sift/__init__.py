@@ -1,4 +1,4 @@
-"""The Sparse Iso-FLOP Transformations (SPEC.md section 1): size rules, layers, members, matching.
+"""The Sparse Iso-FLOP Transformations (docs/methods.md section 1): size rules, layers, members, matching.
 
 Importing this package registers the members in `registry.SIFT_MEMBERS`.
 """

@@ -1,4 +1,4 @@
-"""Flax linen layers of Sparse Parallel, Sparse Factorized and Sparse Doped (SPEC.md section 1).
+"""Flax linen layers of Sparse Parallel, Sparse Factorized and Sparse Doped (docs/methods.md section 1).
 
 Each module replaces one Dense layer (`kernel_size=()`) or one convolution + normalisation unit
 of a ResNet block (`kernel_size=(3, 3)`), and builds its kernels with the layer factory's

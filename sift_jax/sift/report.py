@@ -1,8 +1,10 @@
 """Parameters and FLOPs of a Sparse-IFT model against its dense original, from shapes only.
 
   python -m sift_jax.sift.report            # the README table: ResNet-18 (CIFAR) and GPT-3 Small
+  python -m sift_jax.sift.report --config=configs/gpt_small_wide.py:local --levels=0.5,0.75
+  python -m sift_jax.sift.report --members=wide,doped --levels=0.9
 
-Two FLOP figures (SPEC.md section 1): whole-model forward FLOPs, and the FLOPs of the transformed
+Two FLOP figures (docs/methods.md section 1): whole-model forward FLOPs, and the FLOPs of the transformed
 layers (every module a member built in place of a layer, `layers.is_unit`) against the dense
 layers they replace. Masks count at their exact active counts round((1 - s) n) / n, as the
 sparsity engine draws them.
@@ -219,11 +221,52 @@ def paper_models() -> list[tuple[str, ml_collections.ConfigDict, dict[str, Any]]
   return out
 
 
-def main() -> None:
-  for title, config, meta in paper_models():
-    print(markdown_table(title, table_rows(config, meta)))
+def check_choices(members: Sequence[str], levels: Sequence[float]) -> None:
+  """Raises ValueError naming a member or level the table cannot have."""
+  unknown = [m for m in members if m not in MEMBERS]
+  if unknown or not members:
+    raise ValueError(f'--members={",".join(members)}: pick from {", ".join(MEMBERS)}')
+  bad = [s for s in levels if not 0.0 < s < 1.0]
+  if bad or not levels:
+    raise ValueError(f'--levels={",".join(map(str, levels))}: each must lie in (0, 1)')
+
+
+def main(argv: list[str]) -> None:
+  from absl import app, flags
+
+  from sift_jax import data
+
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  members = flags.FLAGS.members
+  try:
+    levels = [float(s) for s in flags.FLAGS.levels]
+  except ValueError:
+    config_lib.fail(f'--levels={",".join(flags.FLAGS.levels)}: give numbers in (0, 1)')
+  try:
+    check_choices(members, levels)
+  except ValueError as e:
+    config_lib.fail(str(e))
+  if 'config' in flags.FLAGS:
+    config = flags.FLAGS.config
+    cases = [(f'{config.model.name}, {config.data.name}', config, data.dataset_meta(config))]
+  else:
+    cases = paper_models()
+  for title, config, meta in cases:
+    print(markdown_table(title, table_rows(config, meta, members, levels)))
     print()
 
 
 if __name__ == '__main__':
-  main()
+  # Flags are defined here, not at import, so importing this module defines no global flags.
+  import sys
+
+  from absl import app, flags
+
+  flags.DEFINE_list('members', list(MEMBERS), 'Sparse-IFT members to tabulate.')
+  flags.DEFINE_list('levels', [f'{s:g}' for s in LEVELS], 'Sparsity levels s.')
+  _argv = sys.argv
+  if any(a == '--config' or a.startswith('--config=') for a in _argv):
+    # One config's model, sized by its dataset, instead of the two paper models.
+    _argv = config_lib.define_config_flag(_argv)[1]
+  app.run(main, argv=_argv)

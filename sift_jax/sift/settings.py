@@ -7,7 +7,7 @@ Keys (missing ones take `SIFT_DEFAULTS`; unknown keys are an error):
                       sparsity.level
   factorized_between  what sits between Sparse Factorized's U and V: none | norm | norm_relu
   doped_sparse_uv     True reproduces the original release, which also sparsifies Sparse Doped's
-                      low-rank U and V (and so is not iso-FLOP); False keeps them dense (SPEC.md)
+                      low-rank U and V (and so is not iso-FLOP); False keeps them dense (docs/methods.md)
   rounding            original (b = round(1/(1-s)), as the released code) | exact
 The sparsity s is `config.sparsity.level`.
 """

@@ -1,4 +1,4 @@
-"""The iso-FLOP size rules of the Sparse-IFT members (SPEC.md section 1).
+"""The iso-FLOP size rules of the Sparse-IFT members (docs/methods.md section 1).
 
 All rules take the one sparsity s. With the default rounding ('original', as the released code)
 branch count and widening come from the integer b = round(1 / (1 - s)); 'exact' uses 1 / (1 - s)

@@ -56,7 +56,7 @@ def make_rule(config: ml_collections.ConfigDict, params_shapes: Any, sparse_path
   state holds the sparse kernels as blocks (see sift_jax.sparsity.blocked).
 
   `sparse_paths` are the kernels the model declares sparse (tuples of keys, relative to the
-  params tree); None applies the default filter of SPEC.md section 2. Raises ValueError on bad
+  params tree); None applies the default filter of docs/methods.md section 2. Raises ValueError on bad
   config values, naming the value and what is allowed.
   """
   s = config.sparsity

@@ -82,8 +82,13 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict[s
 
 
 def _main(argv: list[str]) -> None:
+  from sift_jax import config_lib
+
   del argv
-  index = export_checkpoint(_WORKDIR.value, _OUT.value, _STEP.value)
+  try:
+    index = export_checkpoint(_WORKDIR.value, _OUT.value, _STEP.value)
+  except (FileNotFoundError, ValueError) as e:  # no checkpoint, or not at that step
+    config_lib.fail(str(e))
   for name, entry in index.items():
     print(f'{name}: {entry["shape"]} nnz {entry["nnz"]} density {entry["density"]:.4f}')
   print(f'wrote {len(index)} sparse layers to {_OUT.value}')

@@ -61,7 +61,7 @@ def network_order(tree: Any, prefix: Path = ()) -> list[Path]:
 
 
 def default_sparse_paths(paths: Sequence[Path], shapes: Sequence[tuple[int, ...]]) -> list[Path]:
-  """SPEC.md section 2: kernels with >= 2 dims except the first, the last, embeddings, norms.
+  """docs/methods.md section 2: kernels with >= 2 dims except the first, the last, embeddings, norms.
 
   First and last are by the order of `paths`, which should be network order (`network_order`).
   """

@@ -1,4 +1,4 @@
-"""The mask-update rules of SPEC.md section 3: dense, static, set, rigl, topkast, gse, gmp.
+"""The mask-update rules of docs/methods.md section 3: dense, static, set, rigl, topkast, gse, gmp.
 
 A rule is a small object of pure functions over pytrees (optax style). Static facts (which
 leaves are sparse, their shapes and exact active counts, the schedules) live on the object;
@@ -12,7 +12,7 @@ everything that changes lives in `sstate`, a dict of arrays checkpointed with th
   backward  Top-KAST only: set B, the same shape as masks
 
 A new rule subclasses `Rule`, implements `new_masks` and registers itself in `registry.RULES`;
-each rule also states its training FLOPs per example (`training_flops`, SPEC.md section 1).
+each rule also states its training FLOPs per example (`training_flops`, docs/methods.md section 1).
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ class Rule:
     return by_index[same[0]]
 
   def training_flops(self, report: FlopCounts, densities: Densities, step: int) -> float:
-    """Training FLOPs per example at `step` with the forward masks at `densities` (SPEC.md
+    """Training FLOPs per example at `step` with the forward masks at `densities` (docs/methods.md
     section 1): forward, input gradients and weight gradients each cost the forward FLOPs at
     the masks' density, 3 f_S. A rule whose step or update costs otherwise overrides this.
 

@@ -7,7 +7,7 @@
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
 
-The returned transformation runs the rule's whole step (DESIGN.md's data flow) inside `update`:
+The returned transformation runs the rule's whole step (docs/design.md's data flow) inside `update`:
 masked optimizer step, then the mask update on its schedule, with the rule's state (masks, key,
 step count) kept in the optimizer state. The trainer uses the explicit API instead (`make_rule`).
 """

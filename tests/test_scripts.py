@@ -1,0 +1,179 @@
+"""The command-line tools, benchmarks and experiment scripts, each run at its smallest settings.
+
+They are subprocess runs of the files as a user starts them, so none can rot silently; the tools
+must describe the model the same config trains.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from sift_jax import config_lib, models, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(
+  args: list[str], cwd: str = REPO, timeout: float = 600, check: bool = True, **env
+) -> subprocess.CompletedProcess:
+  """Runs a command with this checkout first on the path; with `check`, asserts exit 0."""
+  full_env = {**os.environ, 'PYTHONPATH': REPO, **env}
+  out = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+  if check:
+    assert out.returncode == 0, f'{args}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}'
+  return out
+
+
+def python(*args: str, **kw) -> subprocess.CompletedProcess:
+  return run([sys.executable, *args], **kw)
+
+
+def test_flops_cli_describes_the_model_the_trainer_builds(tmp_path):
+  """gpt_small_wide:local is a 256-byte vocabulary: 1.7M params, 1.103x forward FLOPs."""
+  out = python('-m', 'sift_jax.flops', '--config=configs/gpt_small_wide.py:local', cwd=tmp_path)
+  exp = train.build_experiment(config_lib.load_config('configs/gpt_small_wide.py', 'local'))
+  params = sum(leaf.size for leaf in jax.tree.leaves(exp.abstract_state.params))
+  assert f'params: {params:,}' in out.stdout
+  ratio = exp.sift_flops.forward / exp.sift_flops.dense_forward
+  assert f'forward {ratio:.4f}x' in out.stdout
+  assert 1.09 < ratio < 1.11 and params < 2_000_000
+
+
+@pytest.mark.real_data
+def test_flops_cli_sizes_images_by_the_dataset(tmp_path):
+  """resnet18_cifar100:local trains on cifar10_jpg: a 10-class head, not 100."""
+  from sift_jax import data
+
+  c = config_lib.load_config('configs/resnet18_cifar100.py', 'local')
+  out = python('-m', 'sift_jax.flops', '--config=configs/resnet18_cifar100.py:local', cwd=tmp_path)
+  meta = data.build_dataset(c).meta
+  assert meta['num_classes'] == 10
+  assert f'params: {models.count_params(models.build_model(c, meta), c, meta):,}' in out.stdout
+
+
+def test_report_flags(tmp_path):
+  help_out = python('-m', 'sift_jax.sift.report', '--help', cwd=tmp_path, timeout=60, check=False)
+  assert '--levels' in help_out.stdout and '|' not in help_out.stdout  # help, not the table
+  out = python(
+    '-m',
+    'sift_jax.sift.report',
+    '--config=configs/gpt_small_wide.py:local',
+    '--members=wide',
+    '--levels=0.5',
+    cwd=tmp_path,
+  )
+  rows = [line for line in out.stdout.splitlines() if line.startswith('| wide')]
+  assert [r.split('|')[2].strip() for r in rows] == ['0.5', '0.5']  # plain and match_flops
+  assert '| 1.103x |' in rows[0]
+  assert re.search(r'dense 0\.84M params', out.stdout)
+  bad = python('-m', 'sift_jax.sift.report', '--members=wid', cwd=tmp_path, check=False)
+  assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+  assert 'pick from wide, parallel, factorized, doped' in bad.stderr
+
+
+TINY_MLP = [
+  '--config.total_steps=4',
+  '--config.log_every_steps=2',
+  '--config.model.hidden=(16,)',
+  '--config.data.name=digits',
+  '--config.eval.max_examples=64',
+  '--config.batch_size=16',
+  '--config.progress=false',
+]
+
+
+def test_launcher_relays_the_run_not_the_collectives_chatter(tmp_path):
+  from sift_jax import launch
+
+  out = python(
+    '-m',
+    'sift_jax.launch',
+    '--processes=2',
+    '--',
+    '--config=configs/mlp_fashion_mnist.py:local',
+    *[f for f in TINY_MLP if 'progress' not in f],
+    f'--workdir={tmp_path / "run"}',
+    cwd=tmp_path,
+  )
+  lines = (out.stdout + out.stderr).strip().splitlines()
+  assert '[Gloo]' not in out.stdout + out.stderr
+  assert [line.split()[:2] for line in lines] == [['[p0]', 'step'], ['[p0]', 'step']], lines
+  assert (tmp_path / 'run' / 'summary.json').is_file()
+  gloo = '[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : '
+  assert launch.is_chatter(gloo + '3\n') and not launch.is_chatter(gloo + '4\n')
+  assert not launch.is_chatter('[Gloo] Rank 1 is NOT connected to: [2]\n')
+
+
+def test_mlp_rules_experiment_passes_flags_through(tmp_path):
+  out = run(
+    ['bash', os.path.join(REPO, 'experiments/mlp_rules/run.sh'), str(tmp_path / 'out'), *TINY_MLP],
+    cwd=tmp_path,
+    RULES='rigl',
+  )
+  rows = [
+    line
+    for line in out.stdout.splitlines()
+    if line.startswith('| dense') or line.startswith('| rigl')
+  ]
+  assert len(rows) == 2, out.stdout
+  assert '0.099609' in rows[1]  # rigl at 0.9 of the 16-unit MLP's sparse layers
+  with open(tmp_path / 'out' / 'rigl' / 'config.json') as f:
+    assert '"total_steps": 4' in f.read()
+
+
+BENCHMARKS = [
+  pytest.param(
+    ['step_time.py', '--cases=gpt_local', '--steps=1', '--windows=1', '--batch_size=8'],
+    'gpt_local',
+    id='step_time',
+  ),
+  pytest.param(
+    ['step_time_conv.py', '--batch=2', '--variants=default', '--repeats=1'],
+    'weight_grad',
+    id='step_time_conv',
+    marks=pytest.mark.slow,
+  ),
+  pytest.param(
+    ['sift_step_time.py', '--models=gpt', '--levels=0.5', '--members=wide', '--steps=1']
+    + ['--windows=1', '--batch_size=8'],
+    'wide',
+    id='sift_step_time',
+    marks=pytest.mark.slow,
+  ),
+  pytest.param(
+    ['sparsity_overhead.py', '--models=mlp', '--rules=static', '--windows=1', '--sizes=1e4']
+    + ['--scale_rules=rigl'],
+    'rigl',
+    id='sparsity_overhead',
+    marks=pytest.mark.slow,
+  ),
+  pytest.param(
+    ['scaling.py', '--layouts=1,2x1', '--steps=1', '--windows=1'],
+    '2x1',
+    id='scaling',
+    marks=pytest.mark.slow,
+  ),
+]
+
+
+@pytest.mark.parametrize('args,expect', BENCHMARKS)
+def test_benchmark_runs_at_its_smallest_settings(args, expect, tmp_path):
+  out = python(os.path.join(REPO, 'benchmarks', args[0]), *args[1:], cwd=tmp_path)
+  assert expect in out.stdout, out.stdout
+
+
+def test_export_without_a_checkpoint_is_one_line(tmp_path):
+  out = python(
+    '-m',
+    'sift_jax.sparsity.export',
+    f'--workdir={tmp_path}',
+    f'--out={tmp_path / "x"}',
+    cwd=tmp_path,
+    check=False,
+  )
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert f'no checkpoint under {tmp_path / "checkpoints"}' in out.stderr
