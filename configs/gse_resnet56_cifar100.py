@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
   c.optim.schedule = 'multistep'
   c.optim.decay_fractions = (0.4, 0.6)  # epochs 80 and 120 of 200 [code: milestones]
   c.optim.decay_factor = 0.1
-  c.optim.warmup_steps = 5 * STEPS_PER_EPOCH  # 5 epochs of linear warmup [code]
+  c.optim.warmup_fraction = 5 / 200  # 5 of 200 epochs of linear warmup [code]
 
   c.sparsity.rule = 'gse'
   c.sparsity.level = 0.98  # [paper]
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None):
     c.data.name = 'cifar10_jpg'
     c.eval.max_examples = 1_000
     c.optim.schedule = 'cosine'
-    c.optim.warmup_steps = 20
+    c.optim.warmup_fraction = 1 / 15  # 20 of 300 steps
     c.sparsity.update_every_steps = 50
   config_lib.apply_short_forms(c, args)
   if c.sift.name != 'dense':
