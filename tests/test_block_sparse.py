@@ -432,7 +432,9 @@ def block_run_config(execution: str, total_steps: int = 6, family: str = 'mlp', 
 @pytest.mark.parametrize(
   'family,rule', [('mlp', 'rigl'), pytest.param('gpt', 'set', marks=pytest.mark.slow)]
 )
-def test_trainer_block_sparse_matches_masked_step_for_step_and_resumes(tmp_path, family, rule):
+def test_trainer_block_sparse_matches_masked_resumes_across_modes_and_exports(
+  tmp_path, family, rule
+):
   run = lambda execution, n=6: block_run_config(execution, n, family, rule)
   masked = train.train_and_evaluate(run('masked'), str(tmp_path / 'masked'))
   block = train.train_and_evaluate(run('block_sparse'), str(tmp_path / 'block'))
@@ -457,8 +459,27 @@ def test_trainer_block_sparse_matches_masked_step_for_step_and_resumes(tmp_path,
   assert resumed['resumed_from_step'] == 3
   assert_trees_equal(final_params(tmp_path / 'block'), final_params(tmp_path / 'resumed'))
   assert resumed['train/loss'] == block['train/loss']
-  with pytest.raises(ValueError, match='holds block-sparse state'):
-    sparsity.export.export_checkpoint(str(tmp_path / 'block'), str(tmp_path / 'exported'))
+
+  # A checkpoint of one mode resumes in the other (the state is converted), both ways.
+  for first, then in (('masked', 'block_sparse'), ('block_sparse', 'masked')):
+    workdir = str(tmp_path / f'{first}_then_{then}')
+    train.train_and_evaluate(run(first, 3), workdir)
+    crossed = train.train_and_evaluate(run(then), workdir)
+    assert crossed['resumed_from_step'] == 3
+    np.testing.assert_allclose(crossed['train/loss'], masked['train/loss'], rtol=1e-5)
+    np.testing.assert_allclose(crossed['eval/loss'], masked['eval/loss'], rtol=1e-5)
+    assert [r['sparsity/churn'] for r in read_jsonl(f'{workdir}/metrics.jsonl')] == [
+      r['sparsity/churn'] for r in rows['masked']
+    ]
+  # A block-sparse checkpoint exports as the masked run's does.
+  exported = {}
+  for name in ('masked', 'block'):
+    sparsity.export.export_checkpoint(str(tmp_path / name), str(tmp_path / f'{name}_csr'))
+    exported[name] = sparsity.export.load_sparse(str(tmp_path / f'{name}_csr'))
+  assert exported['block'].keys() == exported['masked'].keys()
+  for key, w in exported['masked'].items():
+    np.testing.assert_array_equal(exported['block'][key] != 0, w != 0)
+    np.testing.assert_allclose(exported['block'][key], w, rtol=2e-5, atol=2e-6)
 
 
 def test_trainer_refuses_block_sparse_convolutions():

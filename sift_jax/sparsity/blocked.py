@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from sift_jax.sparse_layers import (
   block_execution,
+  check_balanced,
   check_dense_kernel,
   to_block_state,
   to_masked_state,
@@ -44,6 +45,35 @@ SUPPORTED = (Static, _DropGrow)
 def execute(rule: Any, sstate: dict[str, Any]) -> contextlib.AbstractContextManager:
   """The context a forward pass runs in: block-sparse layers for a BlockRule, else nothing."""
   return rule.execute(sstate) if isinstance(rule, BlockRule) else contextlib.nullcontext()
+
+
+def convert_state(state: Any, source: Any, target: Any) -> Any:
+  """A TrainState written under rule `source`'s execution, in rule `target`'s (a checkpoint of
+  one mode resuming in the other); the same state when both run the same mode.
+
+  Masked -> block-sparse checks the concrete masks: whole blocks, K per block-column as the
+  target plan has it (a masked run resumes block-sparse only if its plan was balanced).
+  """
+  if isinstance(source, BlockRule) == isinstance(target, BlockRule):
+    return state
+  if isinstance(source, BlockRule):
+    sstate, params, opt_state = source.unpack(state.sparsity, state.params, state.opt_state)
+  else:
+    masks = target.rule._per_layer(state.sparsity['masks'])
+    for layer, m, k in zip(
+      target.layers, masks, target.rule._per_layer(target.counts), strict=True
+    ):
+      try:
+        found = check_balanced(m, target.block)
+      except ValueError as e:
+        raise ValueError(f'{layer.name}: {e}; it cannot resume block-sparse') from None
+      if found != k:
+        raise ValueError(
+          f'{layer.name}: the checkpoint has {found} active blocks per block-column, the '
+          f'block-sparse plan {k}; it cannot resume block-sparse'
+        )
+    sstate, params, opt_state = target.pack(state.sparsity, state.params, state.opt_state)
+  return state.replace(params=params, opt_state=opt_state, sparsity=sstate)
 
 
 class BlockRule:
@@ -124,6 +154,10 @@ class BlockRule:
 
   def metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
     return self.rule.metrics(self.masked_sstate(sstate))
+
+  def training_flops(self, report: Any, densities: Any, step: int) -> float:
+    """The wrapped rule's accounting: block-sparse execution computes the same products."""
+    return self.rule.training_flops(report, densities, step)
 
   def update(
     self,

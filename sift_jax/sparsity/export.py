@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import scipy.sparse
 
+from sift_jax.sparse_layers import to_masked_state
 from sift_jax.sparsity.plan import path_of
 
 
@@ -73,12 +74,23 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict[s
   elif step not in steps:
     raise ValueError(f'no checkpoint at step {step} in {root}; saved steps: {steps}')
   state = ocp.StandardCheckpointer().restore(os.path.join(root, str(step), 'state'))
-  if 'masks' not in state['sparsity']:
-    raise ValueError(
-      f'the checkpoint at {root}/{step} holds block-sparse state (sparsity.execution='
-      'block_sparse: blocks and block-rows, no masks); export reads masked checkpoints'
-    )
-  return export_sparse(state['params'], state['sparsity']['masks'], out)
+  sstate = state['sparsity']
+  if 'rows' in sstate:
+    return export_sparse(*to_masked(state['params'], sstate), out)
+  return export_sparse(state['params'], sstate['masks'], out)
+
+
+def to_masked(params: Any, sstate: dict[str, Any]) -> tuple[Any, Any]:
+  """Block-sparse checkpoint state (sparsity.execution=block_sparse) -> (dense params, masks).
+
+  The dense kernel shapes are those of the state's 'ever' masks, which stay dense in either mode.
+  """
+  none = lambda x: x is None
+  shapes = jax.tree.map(
+    lambda p, r, e: p if r is None else e, params, sstate['rows'], sstate['ever'], is_leaf=none
+  )
+  params, masks, _ = to_masked_state(params, sstate['rows'], shapes)
+  return params, masks
 
 
 def _main(argv: list[str]) -> None:
