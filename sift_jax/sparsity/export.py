@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import scipy.sparse
 
-from sift_jax.sparse_layers import to_masked_state
+from sift_jax.sparsity.blocked import unpack_state
 from sift_jax.sparsity.plan import path_of
 
 
@@ -83,14 +83,20 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict[s
 def to_masked(params: Any, sstate: dict[str, Any]) -> tuple[Any, Any]:
   """Block-sparse checkpoint state (sparsity.execution=block_sparse) -> (dense params, masks).
 
-  The dense kernel shapes are those of the state's 'ever' masks, which stay dense in either mode.
+  The dense kernel shapes are those of the state's 'ever' masks, which stay dense in either mode;
+  the block shape is the stored blocks' (C, K, bi, bo); Top-KAST's A is its 'forward_blocks'.
   """
   none = lambda x: x is None
-  shapes = jax.tree.map(
-    lambda p, r, e: p if r is None else e, params, sstate['rows'], sstate['ever'], is_leaf=none
-  )
-  params, masks, _ = to_masked_state(params, sstate['rows'], shapes)
-  return params, masks
+  rows = sstate['rows']
+  shapes = jax.tree.map(lambda p, r, e: p if r is None else e, params, rows, sstate['ever'])
+  flat = zip(jax.tree.leaves(params), jax.tree.leaves(rows, is_leaf=none), strict=True)
+  stored = [p for p, r in flat if r is not None]
+  block = tuple(stored[0].shape[2:]) if stored else (1, 1)
+  forward = sstate.get('forward_blocks')
+  if forward is not None:
+    forward = jax.tree.map(int, forward)
+  sstate, params = unpack_state(sstate, params, shapes, block, forward)[:2]
+  return params, sstate['masks']
 
 
 def _main(argv: list[str]) -> None:
