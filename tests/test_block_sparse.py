@@ -247,6 +247,28 @@ def test_check_balanced_and_dense_kernel_errors():
     )
 
 
+def test_forward_prefix_matmul_runs_a_and_trains_b_straight_through():
+  """Top-KAST's layer against NumPy: y = x @ (W on A), dW = x^T dy on all of B, dx through A."""
+  rng = np.random.default_rng(3)
+  block, shape, n, k_a = (3, 5), (21, 10), 7, 2  # R = 7 block-rows, C = 2 block-columns
+  w = rng.normal(size=shape).astype(np.float32)
+  rows = jnp.asarray([[4, 0, 6], [1, 5, 2]], jnp.int32)  # (C, K_B): A = the first 2 per column
+  values = sparse_layers.gather_blocks(jnp.asarray(w), rows, block)  # (C, K_B, bi, bo)
+  x = rng.normal(size=(n, shape[0])).astype(np.float32)
+  dy = rng.normal(size=(n, shape[1])).astype(np.float32)
+  y, vjp = jax.vjp(
+    lambda x, v: block_dense.forward_prefix_matmul(x, v, rows, k_a, 'xla'), jnp.asarray(x), values
+  )
+  dx, dv = vjp(jnp.asarray(dy))
+  _, mask_a = sparse_layers.to_masked(values[:, :k_a], rows[:, :k_a], shape)
+  _, mask_b = sparse_layers.to_masked(values, rows, shape)
+  w_a = np.where(np.asarray(mask_a), w, 0)
+  np.testing.assert_allclose(y, x @ w_a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dy @ w_a.T, rtol=1e-5, atol=1e-5)
+  dw = sparse_layers.to_masked(dv, rows, shape)[0]
+  np.testing.assert_allclose(dw, np.where(np.asarray(mask_b), x.T @ dy, 0), rtol=1e-5, atol=1e-5)
+
+
 def test_layer_matches_dense_layer_of_its_masked_state():
   layer = sparse_layers.BlockSparseDense(24, (4, 6), 2, impl='xla')
   x = jax.random.normal(jax.random.key(0), (7, 16))
@@ -424,13 +446,17 @@ def block_run_config(execution: str, total_steps: int = 6, family: str = 'mlp', 
     drop_fraction=0.5,
     drop_schedule='constant',
   )
+  if rule == 'topkast':  # sets recomputed at steps 2 and 4; a large lr so that A changes
+    c.sparsity.update(topkast_every_steps=2, backward_level=0.25, topkast_penalty=1e-2)
+    c.optim.lr = 0.5
   c.log_every_steps = 1
   c.total_steps = total_steps
   return c
 
 
 @pytest.mark.parametrize(
-  'family,rule', [('mlp', 'rigl'), pytest.param('gpt', 'set', marks=pytest.mark.slow)]
+  'family,rule',
+  [('mlp', 'rigl'), ('mlp', 'topkast'), pytest.param('gpt', 'set', marks=pytest.mark.slow)],
 )
 def test_trainer_block_sparse_matches_masked_resumes_across_modes_and_exports(
   tmp_path, family, rule
@@ -445,13 +471,14 @@ def test_trainer_block_sparse_matches_masked_resumes_across_modes_and_exports(
   assert [r['sparsity/churn'] for r in rows['block']] == [
     r['sparsity/churn'] for r in rows['masked']
   ]
-  assert max(r['sparsity/churn'] for r in rows['block']) > 0  # RigL moved blocks
+  assert max(r['sparsity/churn'] for r in rows['block']) > 0  # the rule moved blocks
   np.testing.assert_allclose(block['eval/loss'], masked['eval/loss'], rtol=1e-5)
   for key in ('params/total', 'params/active', 'sparsity/layer_density'):
     assert block[key] == masked[key], key
   if family == 'mlp':
     stored = final_params(tmp_path / 'block')['hidden_0']['kernel']
-    assert stored.shape == (2, 2, 16, 16)  # (C, K, bi, bo): 2 of 4 block-rows per column
+    # (C, K, bi, bo): 2 of 4 block-rows per column (Top-KAST: B's 3, at backward_level 0.25)
+    assert stored.shape == (2, 3 if rule == 'topkast' else 2, 16, 16)
 
   half = train.train_and_evaluate(run('block_sparse', 3), str(tmp_path / 'resumed'))
   assert half['resumed_from_step'] == 0
@@ -503,7 +530,7 @@ def dense_weight_dots(hlo: str, shape: tuple[int, int]) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize('rule', ['static', 'rigl'])
+@pytest.mark.parametrize('rule', ['static', 'rigl', 'topkast'])
 def test_compiled_block_sparse_step_has_no_dot_of_the_full_weight(rule):
   found = {}
   for execution in ('masked', 'block_sparse'):
