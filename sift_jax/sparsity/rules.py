@@ -536,6 +536,13 @@ class GSE(Rule):
   keeps_balance = False
 
   def __init__(self, config, params_shapes, layers):
+    if any(layer.balanced for layer in layers):
+      raise ValueError(
+        'sparsity.rule=gse has no balanced form yet (per-column candidate sampling and growth, '
+        'candidate gradients per sampled block), so it runs neither with sparsity.balanced=True '
+        'nor with sparsity.execution=block_sparse: use sparsity.execution=masked with '
+        'sparsity.balanced=False, or another rule (balanced: static, set, rigl, topkast)'
+      )
     super().__init__(config, params_shapes, layers)
     s = config.sparsity
     self.gamma = float(s.gse_gamma)
