@@ -169,7 +169,7 @@ def make_train_step(model, tx, schedule, rule, kind: str, c: ml_collections.Conf
       captured.append((inputs, g_out))
     g_fwd = jax.tree.map(lambda g: g / accum, g_fwd)
     aux = None
-    if isinstance(rule, blocked.BlockRule):
+    if isinstance(rule, blocked.BlockRule) and not rule.needs_aux:
       # Block-sparse execution: the masked rule's dense gradient, of the same batch and weights,
       # computed by the rule on its update steps only.
       def dense_grad(w):

@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.sparse
 from test_sparsity import Harness
 from test_train import assert_trees_equal, final_params, read_jsonl, tiny_config
 
 from sift_jax import config_lib, models, sharding, sparse_layers, sparsity, train
 from sift_jax.sift import sizes
 from sift_jax.sparse_layers import block_dense
-from sift_jax.sparsity import blocked, select
+from sift_jax.sparsity import blocked, gse, select
 
 
 def reference_balanced(scores: np.ndarray, k, valid: np.ndarray | None = None) -> np.ndarray:
@@ -125,15 +126,24 @@ def test_rules_keep_balanced_masks(rule, block, regrow):
   assert changed == (rule != 'static')
 
 
-@pytest.mark.parametrize('rule', ['gse', 'gmp'])
 @pytest.mark.parametrize('how', [{'balanced': True}, {'execution': 'block_sparse'}])
-def test_rules_that_cannot_keep_balance_say_so(rule, how):
-  match = {
-    'gse': 'gse has no balanced form yet .*block_sparse.*balanced: static, set, rigl, topkast',
-    'gmp': 'cannot keep balanced masks.*static, set, rigl, topkast',
-  }[rule]
-  with pytest.raises(ValueError, match=match):
-    Harness(rule, widths=(8, 4), d_in=6, level=0.5, **how)
+def test_gmp_cannot_keep_balance_and_says_so(how):
+  with pytest.raises(
+    ValueError, match='cannot keep balanced masks.*static, set, rigl, topkast, gse'
+  ):
+    Harness('gmp', widths=(8, 4), d_in=6, level=0.5, **how)
+
+
+def test_sampled_block_grads_equal_the_dense_gradient_blocks():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(11, 21)).astype(np.float32)  # (N, D_in): 7 block-rows of 3
+  gy = rng.normal(size=(11, 10)).astype(np.float32)  # (N, D_out): 2 block-columns of 5
+  rows = jnp.asarray([[6, 0, 3], [2, 5, 1]], jnp.int32)  # (C, S)
+  got = gse.sampled_block_grads(jnp.asarray(x), jnp.asarray(gy), (3, 5), rows)
+  dense = (x.T @ gy).reshape(7, 3, 2, 5)  # (R, bi, C, bo)
+  for c in range(2):
+    for s, r in enumerate(np.asarray(rows[c])):
+      np.testing.assert_allclose(got[c, s], dense[r, :, c], rtol=1e-5, atol=1e-5)
 
 
 def test_block_sparse_execution_implies_balanced_and_bad_name_raises():
@@ -451,6 +461,8 @@ def block_run_config(execution: str, total_steps: int = 6, family: str = 'mlp', 
     drop_fraction=0.5,
     drop_schedule='constant',
   )
+  if rule == 'gse':  # alpha K = 1 block grown per column of K = 2
+    c.sparsity.gse_alpha = 0.5
   if rule == 'topkast':  # sets recomputed at steps 2 and 4; a large lr so that A changes
     c.sparsity.update(topkast_every_steps=2, backward_level=0.25, topkast_penalty=1e-2)
     c.optim.lr = 0.5
@@ -461,7 +473,12 @@ def block_run_config(execution: str, total_steps: int = 6, family: str = 'mlp', 
 
 @pytest.mark.parametrize(
   'family,rule',
-  [('mlp', 'rigl'), ('mlp', 'topkast'), pytest.param('gpt', 'set', marks=pytest.mark.slow)],
+  [
+    ('mlp', 'rigl'),
+    ('mlp', 'topkast'),
+    ('mlp', 'gse'),
+    pytest.param('gpt', 'set', marks=pytest.mark.slow),
+  ],
 )
 def test_trainer_block_sparse_matches_masked_resumes_across_modes_and_exports(
   tmp_path, family, rule
@@ -504,14 +521,24 @@ def test_trainer_block_sparse_matches_masked_resumes_across_modes_and_exports(
       r['sparsity/churn'] for r in rows['masked']
     ]
   # A block-sparse checkpoint exports as the masked run's does.
-  exported = {}
+  exported, masks = {}, {}
   for name in ('masked', 'block'):
-    sparsity.export.export_checkpoint(str(tmp_path / name), str(tmp_path / f'{name}_csr'))
-    exported[name] = sparsity.export.load_sparse(str(tmp_path / f'{name}_csr'))
+    out = str(tmp_path / f'{name}_csr')
+    index = sparsity.export.export_checkpoint(str(tmp_path / name), out)
+    exported[name] = sparsity.export.load_sparse(out)
+    masks[name] = {k: explicit_entries(f'{out}/{e["file"]}') for k, e in index.items()}
   assert exported['block'].keys() == exported['masked'].keys()
   for key, w in exported['masked'].items():
-    np.testing.assert_array_equal(exported['block'][key] != 0, w != 0)
+    assert sparse_layers.check_balanced(masks['masked'][key], (16, 16)) * 32 == w.shape[0]  # R/2
+    np.testing.assert_array_equal(masks['block'][key], masks['masked'][key])
     np.testing.assert_allclose(exported['block'][key], w, rtol=2e-5, atol=2e-6)
+
+
+def explicit_entries(path: str) -> np.ndarray:
+  """The bool mask of a saved CSR matrix's explicit entries (a trained weight may be 0.0)."""
+  csr = scipy.sparse.load_npz(path)
+  csr.data[:] = 1
+  return csr.toarray() != 0
 
 
 def test_trainer_refuses_block_sparse_convolutions():

@@ -46,9 +46,10 @@ from sift_jax.sparse_layers import (
   to_masked_state,
 )
 from sift_jax.sparse_layers.block import rows_mask
-from sift_jax.sparsity.rules import RigL, Rule, Static, TopKAST, _DropGrow
+from sift_jax.sparsity import gse as gse_lib
+from sift_jax.sparsity.rules import GSE, RigL, Rule, Static, TopKAST, _DropGrow
 
-SUPPORTED = (Static, _DropGrow, TopKAST)
+SUPPORTED = (Static, _DropGrow, TopKAST, GSE)
 
 
 def execute(rule: Any, sstate: dict[str, Any]) -> contextlib.AbstractContextManager:
@@ -140,13 +141,11 @@ class BlockRule:
   on re-selection steps, frozen (and donated, not copied) on every other step.
   """
 
-  needs_aux = False
-
   def __init__(self, rule: Rule) -> None:
     if not isinstance(rule, SUPPORTED):
       raise ValueError(
         f'rule {type(rule).__name__} does not run block-sparse (sparsity.execution='
-        'block_sparse); allowed: static, set, rigl, topkast'
+        'block_sparse); allowed: static, set, rigl, topkast, gse'
       )
     if not all(layer.balanced for layer in rule.layers):
       raise ValueError('block-sparse execution needs a balanced plan (make_rule sets it)')
@@ -156,6 +155,7 @@ class BlockRule:
     if len(blocks) > 1:
       raise ValueError(f'one block shape per model, got {sorted(blocks)}')
     self.rule = rule
+    self.needs_aux = rule.needs_aux  # GSE: the layers' inputs and output gradients
     self.layers = rule.layers
     self.block = blocks.pop() if blocks else (1, 1)
     self.topkast = isinstance(rule, TopKAST)
@@ -197,11 +197,30 @@ class BlockRule:
     """The rule's exact-count balanced masks, packed: (sstate with 'rows', block params)."""
     return self.pack(*self.rule.init(params, rng))
 
-  def execute(self, sstate: dict[str, Any]) -> contextlib.AbstractContextManager:
-    return block_execution(sstate['rows'], forward=self.forward)
+  def execute(self, sstate: dict[str, Any]) -> contextlib.ExitStack:
+    """Block-sparse layers; for GSE inside its capture (Flax runs the interceptor entered last
+    first, and the block-sparse one does not call the layer it replaces)."""
+    stack = contextlib.ExitStack()
+    if self.needs_aux:
+      stack.enter_context(self.rule.capture())
+    stack.enter_context(block_execution(sstate['rows'], forward=self.forward))
+    return stack
 
   def capture(self) -> contextlib.AbstractContextManager:
+    """Nothing: `execute` captures GSE's inputs and output gradients."""
     return contextlib.nullcontext()
+
+  def zero_perturbations(self, model, variables: Any, *args, **kwargs) -> Any:
+    """GSE's zero 'perturbations' (output-shaped), traced with the block params under execution
+    of zero rows of the stored shapes (only shapes are read)."""
+    rows = jax.tree.map(
+      lambda v, k: None if k is None else jnp.zeros((v.shape[0], k), jnp.int32),
+      variables['params'],
+      self.counts,
+      is_leaf=lambda x: x is None,
+    )
+    capture = lambda: self.execute({'rows': rows})
+    return gse_lib.zero_perturbations(model, capture, variables, *args, **kwargs)
 
   def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
     """The stored blocks are the forward weights (run them under `execute`)."""
@@ -275,21 +294,26 @@ class BlockRule:
     masked dense weights on the step's batch, called on update steps only, with the pre-step
     block params `params_before` expanded: the gradient masked execution hands the rule. Only
     RigL grows by it; the other rules get the blocks' gradient `g_fwd` expanded (zero outside
-    the stored blocks), which they use only to skip an update on a non-finite step.
+    the stored blocks), which they use only to skip an update on a non-finite step; GSE's
+    `aux` is its own (the layers' captured inputs and output gradients, `GSE.capture`).
     """
     if not self.rule.updates_masks or not self.layers:
       return sstate, params, opt_state
     if aux is None:
-      raise ValueError('block-sparse updates need aux=(dense_grad, params_before)')
-    dense_grad, params_before = aux
+      raise ValueError('block-sparse updates need aux=(dense_grad, params_before), GSE its own')
     step = jnp.asarray(step, jnp.int32)
 
     def run(operands):
       sstate_b, params_b, opt_state = operands
       expand = lambda tree: to_masked_state(tree, sstate_b['rows'], self.shapes)[0]
-      g = dense_grad(expand(params_before)) if isinstance(self.rule, RigL) else expand(g_fwd)
+      rule_aux = aux if self.needs_aux else None
+      if isinstance(self.rule, RigL):
+        dense_grad, params_before = aux
+        g = dense_grad(expand(params_before))
+      else:
+        g = expand(g_fwd)
       sstate, params, opt_state = self.unpack(sstate_b, params_b, opt_state)
-      return self.pack(*self.rule.update(sstate, params, g, opt_state, step, rng))
+      return self.pack(*self.rule.update(sstate, params, g, opt_state, step, rng, rule_aux))
 
     return jax.lax.cond(
       self.rule.schedule.is_update(step), run, lambda o: o, (sstate, params, opt_state)
