@@ -562,7 +562,7 @@ def dense_weight_dots(hlo: str, shape: tuple[int, int]) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize('rule', ['static', 'rigl', 'topkast'])
+@pytest.mark.parametrize('rule', ['static', 'rigl', 'topkast', 'gse'])
 def test_compiled_block_sparse_step_has_no_dot_of_the_full_weight(rule):
   found = {}
   for execution in ('masked', 'block_sparse'):
