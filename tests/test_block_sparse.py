@@ -20,6 +20,7 @@ from sift_jax import config_lib, models, sharding, sparse_layers, sparsity, trai
 from sift_jax.sift import sizes
 from sift_jax.sparse_layers import block_dense
 from sift_jax.sparsity import blocked, gse, select
+from sift_jax.state import TrainState
 
 
 def reference_balanced(scores: np.ndarray, k, valid: np.ndarray | None = None) -> np.ndarray:
@@ -532,6 +533,30 @@ def test_trainer_block_sparse_matches_masked_resumes_across_modes_and_exports(
     assert sparse_layers.check_balanced(masks['masked'][key], (16, 16)) * 32 == w.shape[0]  # R/2
     np.testing.assert_array_equal(masks['block'][key], masks['masked'][key])
     np.testing.assert_allclose(exported['block'][key], w, rtol=2e-5, atol=2e-6)
+
+
+def test_convert_state_refuses_unbalanced_masks_naming_the_layer():
+  masked = Harness('static', widths=(8, 4), d_in=6, level=0.5, block_shape=(2, 2))
+  block = Harness(
+    'static', widths=(8, 4), d_in=6, level=0.5, block_shape=(2, 2), execution='block_sparse'
+  )
+  mask = np.zeros((6, 8), bool)
+  mask[:, :2] = True  # block-column 0 holds 3 blocks, the others none
+  masks = masked.sstate['masks']
+  sstate = {**masked.sstate, 'masks': {**masks, 'fc0': {**masks['fc0'], 'kernel': mask}}}
+  state = TrainState(jnp.zeros((), jnp.int32), masked.params, {}, masked.opt_state, sstate, None)
+  with pytest.raises(
+    ValueError,
+    match=r'fc0/kernel: mask is not balanced: active blocks per '
+    r'block-column range 0\.\.3; it cannot resume block-sparse',
+  ):
+    blocked.convert_state(state, masked.rule, block.rule)
+  # The balanced masks of the block rule's own plan convert (and back, exactly).
+  sstate, params = block.rule.unpack(block.sstate, block.params)
+  state = TrainState(jnp.zeros((), jnp.int32), params, {}, block.tx.init(params), sstate, None)
+  packed = blocked.convert_state(state, masked.rule, block.rule)
+  assert_trees_equal(packed.params, block.params)
+  assert_trees_equal(blocked.convert_state(packed, block.rule, masked.rule).params, params)
 
 
 def explicit_entries(path: str) -> np.ndarray:
