@@ -170,7 +170,7 @@ def make_train_step(model, tx, schedule, rule, kind: str, c: ml_collections.Conf
       captured.append((inputs, g_out))
     g_fwd = jax.tree.map(lambda g: g / accum, g_fwd)
     aux = None
-    if isinstance(rule, blocked.BlockRule):
+    if isinstance(rule, blocked.BlockRule) and not rule.needs_aux:
       # Block-sparse execution: the masked rule's dense gradient, of the same batch and weights,
       # computed by the rule on its update steps only.
       def dense_grad(w):
@@ -254,6 +254,10 @@ def flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+# Config keys that may change on resume because the restored state is converted to them.
+CONVERTED_KEYS = ('sparsity.execution',)
+
+
 def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> None:
   """Refuses to resume a workdir whose saved config differs in more than run-length keys."""
   path = os.path.join(workdir, 'config.json')
@@ -263,15 +267,33 @@ def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     saved = json.load(f)
   new = flatten(json.loads(c.to_json()))
   old = flatten(saved)
-  diff = sorted(
-    k for k in set(new) | set(old) if k not in RUN_LENGTH_KEYS and new.get(k) != old.get(k)
-  )
+  free = RUN_LENGTH_KEYS + CONVERTED_KEYS
+  diff = sorted(k for k in set(new) | set(old) if k not in free and new.get(k) != old.get(k))
   if diff:
     details = ', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff[:10])
     raise ValueError(
       f'workdir {workdir} holds a run with a different config ({details}); only run-length '
-      f'keys ({", ".join(RUN_LENGTH_KEYS)}) may change on resume. Use a new --workdir.'
+      f'keys ({", ".join(RUN_LENGTH_KEYS)}) and {", ".join(CONVERTED_KEYS)} (the state is '
+      'converted) may change on resume. Use a new --workdir.'
     )
+
+
+def restore(exp: Experiment, ckpt: checkpointing.Checkpointer) -> tuple[Any, int] | None:
+  """The latest checkpoint as (state, step); one written under the other sparsity.execution is
+  restored in that mode's shapes and converted (blocked.convert_state)."""
+  try:
+    return ckpt.restore_latest(exp.abstract_state)
+  except checkpointing.CheckpointMismatchError as mismatch:
+    config = exp.config.copy_and_resolve_references()
+    current = config.sparsity.get('execution', 'masked')
+    config.sparsity.execution = 'masked' if current == 'block_sparse' else 'block_sparse'
+    try:
+      other = build_experiment(config)
+      state, step = ckpt.restore_latest(other.abstract_state)
+    except (ValueError, checkpointing.CheckpointMismatchError):
+      raise mismatch from None
+  state = blocked.convert_state(state, other.rule, exp.rule)
+  return jax.device_put(state, exp.state_shardings()), step
 
 
 # --------------------------------------------------------------------------- the run
@@ -432,7 +454,7 @@ def run(
 
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint.keep)
   try:
-    restored = ckpt.restore_latest(exp.abstract_state)
+    restored = restore(exp, ckpt)
     if mode == 'eval':
       return evaluate_checkpoint(exp, workdir, restored, ckpt)
     if restored is None:

@@ -12,13 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.sparse
 from test_sparsity import Harness
 from test_train import assert_trees_equal, final_params, read_jsonl, tiny_config
 
 from sift_jax import config_lib, models, sharding, sparse_layers, sparsity, train
 from sift_jax.sift import sizes
 from sift_jax.sparse_layers import block_dense
-from sift_jax.sparsity import blocked, select
+from sift_jax.sparsity import blocked, gse, select
+from sift_jax.state import TrainState
 
 
 def reference_balanced(scores: np.ndarray, k, valid: np.ndarray | None = None) -> np.ndarray:
@@ -125,10 +127,24 @@ def test_rules_keep_balanced_masks(rule, block, regrow):
   assert changed == (rule != 'static')
 
 
-@pytest.mark.parametrize('rule', ['gse', 'gmp'])
-def test_rules_that_cannot_keep_balance_say_so(rule):
-  with pytest.raises(ValueError, match='cannot keep balanced masks.*static, set, rigl, topkast'):
-    Harness(rule, widths=(8, 4), d_in=6, level=0.5, balanced=True)
+@pytest.mark.parametrize('how', [{'balanced': True}, {'execution': 'block_sparse'}])
+def test_gmp_cannot_keep_balance_and_says_so(how):
+  with pytest.raises(
+    ValueError, match='cannot keep balanced masks.*static, set, rigl, topkast, gse'
+  ):
+    Harness('gmp', widths=(8, 4), d_in=6, level=0.5, **how)
+
+
+def test_sampled_block_grads_equal_the_dense_gradient_blocks():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(11, 21)).astype(np.float32)  # (N, D_in): 7 block-rows of 3
+  gy = rng.normal(size=(11, 10)).astype(np.float32)  # (N, D_out): 2 block-columns of 5
+  rows = jnp.asarray([[6, 0, 3], [2, 5, 1]], jnp.int32)  # (C, S)
+  got = gse.sampled_block_grads(jnp.asarray(x), jnp.asarray(gy), (3, 5), rows)
+  dense = (x.T @ gy).reshape(7, 3, 2, 5)  # (R, bi, C, bo)
+  for c in range(2):
+    for s, r in enumerate(np.asarray(rows[c])):
+      np.testing.assert_allclose(got[c, s], dense[r, :, c], rtol=1e-5, atol=1e-5)
 
 
 def test_block_sparse_execution_implies_balanced_and_bad_name_raises():
@@ -245,6 +261,28 @@ def test_check_balanced_and_dense_kernel_errors():
     sparse_layers.block_matmul(
       jnp.ones((2, 4)), jnp.ones((1, 1, 4, 4)), jnp.zeros((1, 1), jnp.int32), 'cuda'
     )
+
+
+def test_forward_prefix_matmul_runs_a_and_trains_b_straight_through():
+  """Top-KAST's layer against NumPy: y = x @ (W on A), dW = x^T dy on all of B, dx through A."""
+  rng = np.random.default_rng(3)
+  block, shape, n, k_a = (3, 5), (21, 10), 7, 2  # R = 7 block-rows, C = 2 block-columns
+  w = rng.normal(size=shape).astype(np.float32)
+  rows = jnp.asarray([[4, 0, 6], [1, 5, 2]], jnp.int32)  # (C, K_B): A = the first 2 per column
+  values = sparse_layers.gather_blocks(jnp.asarray(w), rows, block)  # (C, K_B, bi, bo)
+  x = rng.normal(size=(n, shape[0])).astype(np.float32)
+  dy = rng.normal(size=(n, shape[1])).astype(np.float32)
+  y, vjp = jax.vjp(
+    lambda x, v: block_dense.forward_prefix_matmul(x, v, rows, k_a, 'xla'), jnp.asarray(x), values
+  )
+  dx, dv = vjp(jnp.asarray(dy))
+  _, mask_a = sparse_layers.to_masked(values[:, :k_a], rows[:, :k_a], shape)
+  _, mask_b = sparse_layers.to_masked(values, rows, shape)
+  w_a = np.where(np.asarray(mask_a), w, 0)
+  np.testing.assert_allclose(y, x @ w_a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dy @ w_a.T, rtol=1e-5, atol=1e-5)
+  dw = sparse_layers.to_masked(dv, rows, shape)[0]
+  np.testing.assert_allclose(dw, np.where(np.asarray(mask_b), x.T @ dy, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_layer_matches_dense_layer_of_its_masked_state():
@@ -424,15 +462,28 @@ def block_run_config(execution: str, total_steps: int = 6, family: str = 'mlp', 
     drop_fraction=0.5,
     drop_schedule='constant',
   )
+  if rule == 'gse':  # alpha K = 1 block grown per column of K = 2
+    c.sparsity.gse_alpha = 0.5
+  if rule == 'topkast':  # sets recomputed at steps 2 and 4; a large lr so that A changes
+    c.sparsity.update(topkast_every_steps=2, backward_level=0.25, topkast_penalty=1e-2)
+    c.optim.lr = 0.5
   c.log_every_steps = 1
   c.total_steps = total_steps
   return c
 
 
 @pytest.mark.parametrize(
-  'family,rule', [('mlp', 'rigl'), pytest.param('gpt', 'set', marks=pytest.mark.slow)]
+  'family,rule',
+  [
+    ('mlp', 'rigl'),
+    ('mlp', 'topkast'),
+    ('mlp', 'gse'),
+    pytest.param('gpt', 'set', marks=pytest.mark.slow),
+  ],
 )
-def test_trainer_block_sparse_matches_masked_step_for_step_and_resumes(tmp_path, family, rule):
+def test_trainer_block_sparse_matches_masked_resumes_across_modes_and_exports(
+  tmp_path, family, rule
+):
   run = lambda execution, n=6: block_run_config(execution, n, family, rule)
   masked = train.train_and_evaluate(run('masked'), str(tmp_path / 'masked'))
   block = train.train_and_evaluate(run('block_sparse'), str(tmp_path / 'block'))
@@ -443,13 +494,14 @@ def test_trainer_block_sparse_matches_masked_step_for_step_and_resumes(tmp_path,
   assert [r['sparsity/churn'] for r in rows['block']] == [
     r['sparsity/churn'] for r in rows['masked']
   ]
-  assert max(r['sparsity/churn'] for r in rows['block']) > 0  # RigL moved blocks
+  assert max(r['sparsity/churn'] for r in rows['block']) > 0  # the rule moved blocks
   np.testing.assert_allclose(block['eval/loss'], masked['eval/loss'], rtol=1e-5)
   for key in ('params/total', 'params/active', 'sparsity/layer_density'):
     assert block[key] == masked[key], key
   if family == 'mlp':
     stored = final_params(tmp_path / 'block')['hidden_0']['kernel']
-    assert stored.shape == (2, 2, 16, 16)  # (C, K, bi, bo): 2 of 4 block-rows per column
+    # (C, K, bi, bo): 2 of 4 block-rows per column (Top-KAST: B's 3, at backward_level 0.25)
+    assert stored.shape == (2, 3 if rule == 'topkast' else 2, 16, 16)
 
   half = train.train_and_evaluate(run('block_sparse', 3), str(tmp_path / 'resumed'))
   assert half['resumed_from_step'] == 0
@@ -457,8 +509,61 @@ def test_trainer_block_sparse_matches_masked_step_for_step_and_resumes(tmp_path,
   assert resumed['resumed_from_step'] == 3
   assert_trees_equal(final_params(tmp_path / 'block'), final_params(tmp_path / 'resumed'))
   assert resumed['train/loss'] == block['train/loss']
-  with pytest.raises(ValueError, match='holds block-sparse state'):
-    sparsity.export.export_checkpoint(str(tmp_path / 'block'), str(tmp_path / 'exported'))
+
+  # A checkpoint of one mode resumes in the other (the state is converted), both ways.
+  for first, then in (('masked', 'block_sparse'), ('block_sparse', 'masked')):
+    workdir = str(tmp_path / f'{first}_then_{then}')
+    train.train_and_evaluate(run(first, 3), workdir)
+    crossed = train.train_and_evaluate(run(then), workdir)
+    assert crossed['resumed_from_step'] == 3
+    np.testing.assert_allclose(crossed['train/loss'], masked['train/loss'], rtol=1e-5)
+    np.testing.assert_allclose(crossed['eval/loss'], masked['eval/loss'], rtol=1e-5)
+    assert [r['sparsity/churn'] for r in read_jsonl(f'{workdir}/metrics.jsonl')] == [
+      r['sparsity/churn'] for r in rows['masked']
+    ]
+  # A block-sparse checkpoint exports as the masked run's does.
+  exported, masks = {}, {}
+  for name in ('masked', 'block'):
+    out = str(tmp_path / f'{name}_csr')
+    index = sparsity.export.export_checkpoint(str(tmp_path / name), out)
+    exported[name] = sparsity.export.load_sparse(out)
+    masks[name] = {k: explicit_entries(f'{out}/{e["file"]}') for k, e in index.items()}
+  assert exported['block'].keys() == exported['masked'].keys()
+  for key, w in exported['masked'].items():
+    assert sparse_layers.check_balanced(masks['masked'][key], (16, 16)) * 32 == w.shape[0]  # R/2
+    np.testing.assert_array_equal(masks['block'][key], masks['masked'][key])
+    np.testing.assert_allclose(exported['block'][key], w, rtol=2e-5, atol=2e-6)
+
+
+def test_convert_state_refuses_unbalanced_masks_naming_the_layer():
+  masked = Harness('static', widths=(8, 4), d_in=6, level=0.5, block_shape=(2, 2))
+  block = Harness(
+    'static', widths=(8, 4), d_in=6, level=0.5, block_shape=(2, 2), execution='block_sparse'
+  )
+  mask = np.zeros((6, 8), bool)
+  mask[:, :2] = True  # block-column 0 holds 3 blocks, the others none
+  masks = masked.sstate['masks']
+  sstate = {**masked.sstate, 'masks': {**masks, 'fc0': {**masks['fc0'], 'kernel': mask}}}
+  state = TrainState(jnp.zeros((), jnp.int32), masked.params, {}, masked.opt_state, sstate, None)
+  with pytest.raises(
+    ValueError,
+    match=r'fc0/kernel: mask is not balanced: active blocks per '
+    r'block-column range 0\.\.3; it cannot resume block-sparse',
+  ):
+    blocked.convert_state(state, masked.rule, block.rule)
+  # The balanced masks of the block rule's own plan convert (and back, exactly).
+  sstate, params = block.rule.unpack(block.sstate, block.params)
+  state = TrainState(jnp.zeros((), jnp.int32), params, {}, block.tx.init(params), sstate, None)
+  packed = blocked.convert_state(state, masked.rule, block.rule)
+  assert_trees_equal(packed.params, block.params)
+  assert_trees_equal(blocked.convert_state(packed, block.rule, masked.rule).params, params)
+
+
+def explicit_entries(path: str) -> np.ndarray:
+  """The bool mask of a saved CSR matrix's explicit entries (a trained weight may be 0.0)."""
+  csr = scipy.sparse.load_npz(path)
+  csr.data[:] = 1
+  return csr.toarray() != 0
 
 
 def test_trainer_refuses_block_sparse_convolutions():
@@ -482,7 +587,7 @@ def dense_weight_dots(hlo: str, shape: tuple[int, int]) -> list[str]:
   return found
 
 
-@pytest.mark.parametrize('rule', ['static', 'rigl'])
+@pytest.mark.parametrize('rule', ['static', 'rigl', 'topkast', 'gse'])
 def test_compiled_block_sparse_step_has_no_dot_of_the_full_weight(rule):
   found = {}
   for execution in ('masked', 'block_sparse'):

@@ -69,17 +69,25 @@ def rows_mask(rows: jax.Array, shape: tuple[int, int], block: tuple[int, int]) -
 
 
 def from_masked(
-  kernel: jax.Array, mask: jax.Array, block: tuple[int, int], k: int
+  kernel: jax.Array,
+  mask: jax.Array,
+  block: tuple[int, int],
+  k: int,
+  first: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """(dense kernel, balanced mask with k active blocks per block-column) -> (values, rows).
 
-  Rows come out ascending within each column. `k` is static (it fixes the shapes); under jit the
-  mask is trusted to be balanced, `check_balanced` verifies a concrete one.
+  Rows come out ascending within each column, those of the blocks of mask `first` (a subset)
+  before the others. `k` is static (it fixes the shapes); under jit the mask is trusted to be
+  balanced, `check_balanced` verifies a concrete one.
   """
   bi, bo = block
   r, c = grid(kernel.shape, block)
-  active = mask.reshape(r, bi, c, bo).any(axis=(1, 3))  # (R, C)
-  rows = jnp.argsort(~active, axis=0, stable=True)[:k].T.astype(jnp.int32)  # (C, K)
+  blocks_any = lambda m: m.reshape(r, bi, c, bo).any(axis=(1, 3))  # (R, C)
+  order = 2 * (~blocks_any(mask)).astype(jnp.int32)  # (R, C): 0 active, 2 inactive
+  if first is not None:
+    order = order + (~blocks_any(first)).astype(jnp.int32)
+  rows = jnp.argsort(order, axis=0, stable=True)[:k].T.astype(jnp.int32)  # (C, K)
   return gather_blocks(kernel, rows, block), rows
 
 

@@ -6,6 +6,7 @@ state 'rows' (C, K) int32 in the 'block_sparsity' collection.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -42,6 +43,35 @@ def block_matmul(x: jax.Array, values: jax.Array, rows: jax.Array, impl: str = '
   else:
     y = pallas_kernel.gather_matmul(x2, values, rows, interpret=impl == 'pallas_interpret')
   return y.reshape(*lead, y.shape[-1])  # (..., D_out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def forward_prefix_matmul(
+  x: jax.Array, values: jax.Array, rows: jax.Array, k: int, impl: str = 'auto'
+) -> jax.Array:
+  """Top-KAST's layer: the forward runs the first `k` stored blocks of each block-column (set
+  A), the weight gradient covers all K stored blocks (set B) straight through.
+
+  The output and dx are those of `block_matmul` over values[:, :k]; d values[:, j] is
+  x[:, rows[:, j]]^T @ dy for every stored block, as if all were in the forward. FLOPs: forward
+  and dx at A's density, the weight gradient at B's; nothing of the dense kernel's shape.
+  """
+  return block_matmul(x, values[:, :k], rows[:, :k], impl)
+
+
+def _prefix_fwd(x, values, rows, k, impl):
+  return forward_prefix_matmul(x, values, rows, k, impl), (x, values, rows)
+
+
+def _prefix_bwd(k, impl, residuals, dy):
+  x, values, rows = residuals
+  # jax.vjp's forward products are unused here; XLA removes them.
+  dx = jax.vjp(lambda x: block_matmul(x, values[:, :k], rows[:, :k], impl), x)[1](dy)[0]
+  dv = jax.vjp(lambda v: block_matmul(x, v, rows, impl), values)[1](dy)[0]
+  return dx, dv, None
+
+
+forward_prefix_matmul.defvjp(_prefix_fwd, _prefix_bwd)
 
 
 class BlockSparseDense(nn.Module):

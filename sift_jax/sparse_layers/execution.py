@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 
 from sift_jax.sparse_layers.block import check_balanced, check_dense_kernel, from_masked, to_masked
-from sift_jax.sparse_layers.block_dense import block_matmul
+from sift_jax.sparse_layers.block_dense import block_matmul, forward_prefix_matmul
 
 
 def _is_none(x: Any) -> bool:
@@ -49,12 +49,15 @@ def block_paths(rows: Any) -> dict[tuple[str, ...], jax.Array]:
 
 
 @contextlib.contextmanager
-def block_execution(rows: Any, impl: str = 'auto') -> Iterator[None]:
+def block_execution(rows: Any, impl: str = 'auto', forward: Any = None) -> Iterator[None]:
   """Within the context, `model.apply` runs the Dense layers that `rows` names block-sparse.
 
-  Their 'kernel' parameter must hold the blocks (C, K, bi, bo) (`to_block_state`).
+  Their 'kernel' parameter must hold the blocks (C, K, bi, bo) (`to_block_state`). `forward`
+  (rows-shaped, an int per kernel) runs only that many leading blocks of each column forward
+  and trains all K (`forward_prefix_matmul`: Top-KAST's sets A and B).
   """
   by_module = block_paths(rows)
+  prefix = {} if forward is None else dict(zip(by_module, jax.tree.leaves(forward), strict=True))
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -62,8 +65,13 @@ def block_execution(rows: Any, impl: str = 'auto') -> Iterator[None]:
     if r is None or context.method_name != '__call__' or not isinstance(module, nn.Dense):
       return next_fun(*args, **kwargs)
     x = args[0]
-    values = module.get_variable('params', 'kernel')  # (C, K, bi, bo)
-    y = block_matmul(x.astype(module.dtype), values.astype(module.dtype), r, impl)
+    values = module.get_variable('params', 'kernel').astype(module.dtype)  # (C, K, bi, bo)
+    k = prefix.get(tuple(module.path))
+    x = x.astype(module.dtype)
+    if k is None:
+      y = block_matmul(x, values, r, impl)
+    else:
+      y = forward_prefix_matmul(x, values, r, k, impl)
     if module.use_bias:
       y = y + module.get_variable('params', 'bias').astype(module.dtype)
     return y  # (..., D_out)
@@ -80,34 +88,41 @@ def _map_params_like(fn, params: Any, tree: Any) -> Any:
 
 
 def to_block_state(
-  params: Any, masks: Any, block: tuple[int, int], *others: Any, counts: Any = None
+  params: Any,
+  masks: Any,
+  block: tuple[int, int],
+  *others: Any,
+  counts: Any = None,
+  first: Any = None,
 ) -> tuple[Any, Any, list[Any]]:
   """(dense params, balanced masks) -> (params with blocks at the masked kernels, rows, others).
 
   In `others` (e.g. an optimizer state) every params-shaped subtree is converted the same way.
   `counts` (params-shaped, K per masked kernel, None elsewhere) fixes the shapes, so this runs
   under jit; without it the masks must be concrete and each is checked to be balanced with
-  whole blocks, which gives its K.
+  whole blocks, which gives its K. `first` (masks-shaped subsets of the masks) puts those blocks
+  first in each block-column.
   """
   flat_m = jax.tree.leaves(masks, is_leaf=_is_none)
+  flat_f = [None] * len(flat_m) if first is None else jax.tree.leaves(first, is_leaf=_is_none)
   treedef = jax.tree.structure(masks, is_leaf=_is_none)
   paths = [_keys(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   given = [None] * len(flat_m) if counts is None else jax.tree.leaves(counts, is_leaf=_is_none)
   rows, counts = [], []
-  for path, m, p, k in zip(paths, flat_m, jax.tree.leaves(params), given, strict=True):
+  for path, m, f, p, k in zip(paths, flat_m, flat_f, jax.tree.leaves(params), given, strict=True):
     if m is None:
       rows.append(None)
       counts.append(None)
       continue
     check_dense_kernel(tuple(p.shape), block, '/'.join(path))
     k = check_balanced(m, block) if k is None else k
-    rows.append(from_masked(p, m, block, k)[1])
+    rows.append(from_masked(p, m, block, k, f)[1])
     counts.append(k)
 
   def convert(tree: Any) -> Any:
     leaves = [
-      p if k is None else from_masked(p, m, block, k)[0]
-      for p, m, k in zip(jax.tree.leaves(tree), flat_m, counts, strict=True)
+      p if k is None else from_masked(p, m, block, k, f)[0]
+      for p, m, f, k in zip(jax.tree.leaves(tree), flat_m, flat_f, counts, strict=True)
     ]
     return jax.tree.unflatten(jax.tree.structure(tree), leaves)
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import scipy.sparse
 
+from sift_jax.sparsity.blocked import unpack_state
 from sift_jax.sparsity.plan import path_of
 
 
@@ -73,12 +74,29 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict[s
   elif step not in steps:
     raise ValueError(f'no checkpoint at step {step} in {root}; saved steps: {steps}')
   state = ocp.StandardCheckpointer().restore(os.path.join(root, str(step), 'state'))
-  if 'masks' not in state['sparsity']:
-    raise ValueError(
-      f'the checkpoint at {root}/{step} holds block-sparse state (sparsity.execution='
-      'block_sparse: blocks and block-rows, no masks); export reads masked checkpoints'
-    )
-  return export_sparse(state['params'], state['sparsity']['masks'], out)
+  sstate = state['sparsity']
+  if 'rows' in sstate:
+    return export_sparse(*to_masked(state['params'], sstate), out)
+  return export_sparse(state['params'], sstate['masks'], out)
+
+
+def to_masked(params: Any, sstate: dict[str, Any]) -> tuple[Any, Any]:
+  """Block-sparse checkpoint state (sparsity.execution=block_sparse) -> (dense params, masks).
+
+  The dense kernel shapes are those of the state's 'ever' masks, which stay dense in either mode;
+  the block shape is the stored blocks' (C, K, bi, bo); Top-KAST's A is its 'forward_blocks'.
+  """
+  none = lambda x: x is None
+  rows = sstate['rows']
+  shapes = jax.tree.map(lambda p, r, e: p if r is None else e, params, rows, sstate['ever'])
+  flat = zip(jax.tree.leaves(params), jax.tree.leaves(rows, is_leaf=none), strict=True)
+  stored = [p for p, r in flat if r is not None]
+  block = tuple(stored[0].shape[2:]) if stored else (1, 1)
+  forward = sstate.get('forward_blocks')
+  if forward is not None:
+    forward = jax.tree.map(int, forward)
+  sstate, params = unpack_state(sstate, params, shapes, block, forward)[:2]
+  return params, sstate['masks']
 
 
 def _main(argv: list[str]) -> None:

@@ -196,12 +196,24 @@ def sampled_layer_grads(
   last axis (a dense layer).
   """
   mod = _module_path(kernel_path)
-  x = _get(aux['intermediates'], (*mod, INPUTS), 'inputs')
-  x = x[0] if isinstance(x, tuple) else x
-  gy = _get(aux['perturbations'], (*mod, OUTPUTS), 'output gradients')
   geometry = (convs or {}).get(mod)
   if geometry is not None:
+    x, gy = _layer_io(aux, mod)
     return _conv_grads(x, gy, shape, geometry, idx, '/'.join(mod))
+  return sampled_grads(*dense_io(aux, kernel_path, shape), idx)
+
+
+def _layer_io(aux: Any, mod: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+  """The captured input and output gradient of the module at path `mod`."""
+  x = _get(aux['intermediates'], (*mod, INPUTS), 'inputs')
+  x = x[0] if isinstance(x, tuple) else x
+  return x, _get(aux['perturbations'], (*mod, OUTPUTS), 'output gradients')
+
+
+def dense_io(aux: Any, kernel_path: Sequence[str], shape: tuple[int, ...]) -> tuple:
+  """A dense layer's captured input (N, D_in) and output gradient (N, D_out)."""
+  mod = _module_path(kernel_path)
+  x, gy = _layer_io(aux, mod)
   d_in, d_out = shape[0], int(np.prod(shape[1:]))
   if x.shape[-1] != d_in or gy.size * d_in != x.size * d_out:
     raise ValueError(
@@ -209,7 +221,22 @@ def sampled_layer_grads(
       f'gradients {gy.shape}; only layers contracting the input last axis, and nn.Conv '
       'layers traced inside rule.capture(), are supported'
     )
-  return sampled_grads(x.reshape(-1, d_in), gy.reshape(-1, d_out), idx)
+  return x.reshape(-1, d_in), gy.reshape(-1, d_out)
+
+
+def sampled_block_grads(
+  x: jax.Array, gy: jax.Array, block: tuple[int, int], rows: jax.Array
+) -> jax.Array:
+  """dL/dW of a dense layer at sampled (bi, bo) blocks: block-row rows[c, s] of block-column c,
+  x[:, rows_block]^T @ gy[:, cols_block] per sample: (C, S, bi, bo), no dense gradient.
+
+  x (N, D_in), gy (N, D_out); the gather is feature-major as in the block-sparse layer.
+  """
+  n = x.shape[0]
+  bi, bo = block
+  xt = x.astype(jnp.float32).T.reshape(-1, bi, n)  # (R, bi, N)
+  gt = gy.astype(jnp.float32).T.reshape(-1, bo, n)  # (C, bo, N)
+  return jnp.einsum('csin,con->csio', xt[rows], gt)  # (C, S, bi, bo)
 
 
 def sampled_grads(x: jax.Array, gy: jax.Array, idx: jax.Array) -> jax.Array:

@@ -122,7 +122,7 @@ class Rule:
     if not self.keeps_balance and any(layer.balanced for layer in layers):
       raise ValueError(
         f'sparsity.rule={s.rule!r} cannot keep balanced masks (sparsity.balanced or '
-        'sparsity.execution=block_sparse); allowed: static, set, rigl, topkast'
+        'sparsity.execution=block_sparse); allowed: static, set, rigl, topkast, gse'
       )
 
   def window(self) -> str:
@@ -529,11 +529,12 @@ class GSE(Rule):
   from the layer's inputs and output gradients (`aux`, see `capture`; dense layers and
   convolutions, gse.py), grow the top alpha_t * |active| by |gradient|, then prune back to the
   target count by |w| among the previously active weights, so a weight just grown is never
-  pruned.
+  pruned. A balanced layer (Dense kernels, any block shape) does the same per output
+  block-column with blocks: gamma K inactive blocks sampled per column, their gradients
+  x[:, block rows]^T @ dy[:, block columns] only, the top alpha_t K grown by summed |gradient|.
   """
 
   needs_aux = True
-  keeps_balance = False
 
   def __init__(self, config, params_shapes, layers):
     super().__init__(config, params_shapes, layers)
@@ -545,10 +546,22 @@ class GSE(Rule):
       s.drop_schedule, float(s.gse_alpha), self.schedule.end, float(s.drop_decay)
     )
     for layer in layers:
-      if layer.block != (1, 1):
+      if layer.balanced and len(layer.shape) != 2:
+        raise ValueError(
+          f'gse with balanced masks runs Dense (2-D) kernels only; {layer.name} has shape '
+          f'{layer.shape}: use sparsity.balanced=False'
+        )
+      if not layer.balanced and layer.block != (1, 1):
         raise ValueError(f'gse supports block_shape (1, 1) only, got {layer.block}')
+    # Balanced: sampled blocks per block-column; else sampled weights per layer.
     self.samples = [
-      min(int(round(self.gamma * layer.active)), layer.size - layer.active) for layer in layers
+      min(
+        round(self.gamma * layer.active_blocks / layer.columns),
+        layer.blocks // layer.columns - layer.active_blocks // layer.columns,
+      )
+      if layer.balanced
+      else min(int(round(self.gamma * layer.active)), layer.size - layer.active)
+      for layer in layers
     ]
     self.convs: dict[tuple[str, ...], gse.ConvGeometry] = {}  # filled while capture() traces
 
@@ -573,6 +586,9 @@ class GSE(Rule):
       self._per_layer(params),
       strict=True,
     ):
+      if layer.balanced:
+        out.append(self._balanced_masks(layer, c, m, p, aux, frac, key))
+        continue
       cand = select.random_mask(jax.random.fold_in(key, layer.index), layer.shape, c, ~m)
       idx = jnp.nonzero(cand.reshape(-1), size=c, fill_value=0)[0]  # (C,)
       path = self.paths[layer.index]
@@ -583,6 +599,24 @@ class GSE(Rule):
       keep = _topk(p, layer.active - _count(grown), layer, valid=m)
       out.append(keep | grown)
     return {'masks': self._tree(out)}
+
+  def _balanced_masks(self, layer, samples, m, p, aux, frac, key):
+    """Per block-column: `samples` inactive blocks drawn uniformly, the top round(frac K) of
+    them by the summed |gradient| of the block grown, the top K minus that of the active blocks
+    by |w| kept (K blocks per column). Only the sampled blocks' gradients are computed."""
+    per_col = layer.active_blocks // layer.columns
+    active = select.to_blocks(m, layer.block, 'any')  # (R, C)
+    key = jax.random.fold_in(key, layer.index)
+    cand = select.balanced_random_mask(key, active.shape, samples, ~active)  # (R, C)
+    rows = jnp.argsort(~cand, axis=0, stable=True)[:samples].T.astype(jnp.int32)  # (C, S)
+    x, gy = gse.dense_io(aux, self.paths[layer.index], layer.shape)
+    g = gse.sampled_block_grads(x, gy, layer.block, rows)  # (C, S, bi, bo)
+    n = jnp.minimum(jnp.round(frac * per_col).astype(jnp.int32), samples)
+    top = select.balanced_topk_mask(jnp.abs(g).sum(axis=(2, 3)).T, n)  # (S, C)
+    cols = jax.lax.broadcasted_iota(jnp.int32, rows.shape, 0)  # (C, S)
+    grown = jnp.zeros(active.shape, bool).at[rows, cols].max(top.T)  # (R, C)
+    keep = _topk(p, (per_col - n) * layer.columns, layer, valid=m)
+    return keep | select.from_blocks(grown, layer.block)
 
 
 @RULES.register('gmp')
