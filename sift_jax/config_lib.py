@@ -156,7 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sift.rounding = 'original'  # original (b = round(1/(1-s))) | exact
 
   c.analysis = ml_collections.ConfigDict()
-  c.analysis.spectral = False  # spectral metrics of the masks on eval steps (docs/methods.md section 4)
+  c.analysis.spectral = (
+    False  # spectral metrics of the masks on eval steps (docs/methods.md section 4)
+  )
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.keep = 3  # keep the last K checkpoints
