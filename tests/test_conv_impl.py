@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sift_jax import config_lib, models
-from sift_jax.sparse_layers import conv
+from sift_jax.sparse_layers import ConvNorm, conv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIMS = ('NHWC', 'HWIO', 'NHWC')
@@ -31,9 +33,16 @@ def loss_and_grads(fn, x, w, mask, strides, padding):
   return [np.asarray(a, np.float64) for a in (y, *grads)]
 
 
-@pytest.mark.parametrize('kernel', [(3, 3), (1, 1), (5, 3)])
-@pytest.mark.parametrize('strides', [(1, 1), (2, 2)])
-@pytest.mark.parametrize('padding', ['SAME', 'pytorch'])
+@pytest.mark.parametrize(
+  'kernel, strides, padding',
+  [
+    ((3, 3), (1, 1), 'pytorch'),
+    ((3, 3), (2, 2), 'pytorch'),
+    ((3, 3), (2, 2), 'SAME'),  # asymmetric padding at even sizes
+    ((1, 1), (2, 2), 'pytorch'),  # the ResNet shortcut
+    ((5, 3), (1, 1), 'SAME'),
+  ],
+)
 def test_im2col_conv_matches_lax_forward_and_grads_with_mask(kernel, strides, padding):
   kx, kw, km = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (3, 7, 11, 5))  # (B, H, W, C_in), odd primes
@@ -80,33 +89,55 @@ def test_impl_names_resolve_and_bad_names_raise():
     pass
 
 
-def resnet_grads(conv_impl: str):
-  """Loss, param grads and the jaxpr text of a width-3 ResNet-18 train-mode step."""
+def resnet_case(conv_impl: str):
+  """A width-3 CIFAR ResNet-18 with `conv_impl`, its variables and input."""
   c = config_lib.base_config()
   c.model = models.model_config('resnet', width=3, conv_impl=conv_impl)
-  meta = {'num_classes': 7, 'image_shape': (9, 9, 3)}
-  model = models.build_model(c, meta)
-  x = jax.random.normal(jax.random.key(1), (2, 9, 9, 3))  # (B, H, W, C)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
-
-  def loss(params):
-    logits, _ = model.apply(
-      {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
-    )  # (B, classes)
-    return jnp.sum(logits * jnp.arange(7.0))
-
-  fn = jax.value_and_grad(loss)
-  return jax.jit(fn)(variables['params']), str(jax.make_jaxpr(fn)(variables['params']))
+  model = models.build_model(c, {'num_classes': 7, 'image_shape': (9, 9, 3)})
+  x = jnp.zeros((2, 9, 9, 3))  # (B, H, W, C)
+  return model, jax.eval_shape(model.init, jax.random.key(0), x), x
 
 
-def test_resnet_step_is_the_same_with_either_conv_impl():
-  (loss_x, grads_x), jaxpr_x = resnet_grads('xla')
-  (loss_i, grads_i), jaxpr_i = resnet_grads('im2col')
-  # Every conv's weight gradient (stem, 16 block convs, 3 shortcuts) became one dot.
-  assert jaxpr_i.count('dot_general[') - jaxpr_x.count('dot_general[') == 20
-  np.testing.assert_allclose(loss_i, loss_x, rtol=1e-5)
-  for path, g in jax.tree_util.tree_leaves_with_path(grads_i):
-    r = dict(jax.tree_util.tree_leaves_with_path(grads_x))[path]
+def test_resnet_runs_every_conv_weight_grad_as_a_dot_under_im2col():
+  jaxprs = {}
+  for impl in conv.IMPLS:
+    model, variables, x = resnet_case(impl)
+
+    def loss(params, batch_stats, model=model, x=x):
+      logits, _ = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=['batch_stats']
+      )  # (B, classes)
+      return jnp.sum(logits)
+
+    args = variables['params'], variables['batch_stats']  # shapes only: nothing is compiled
+    jaxprs[impl] = str(jax.make_jaxpr(jax.grad(loss))(*args))
+  # Stem, 16 block convs and 3 shortcuts: 20 weight gradients became dots (tracing only).
+  assert jaxprs['im2col'].count('dot_general[') - jaxprs['xla'].count('dot_general[') == 20
+
+
+def test_conv_unit_step_is_the_same_with_either_conv_impl():
+  """A strided ConvNorm (SparseConv + BatchNorm) in train mode: same loss and gradients."""
+  unit = ConvNorm(
+    features=13,
+    kernel_size=(3, 3),
+    strides=(2, 2),
+    kernel_init=nn.initializers.lecun_normal(),
+    norm=functools.partial(nn.BatchNorm, use_running_average=False),
+  )
+  x = jax.random.normal(jax.random.key(1), (3, 7, 11, 5))  # (B, H, W, C_in)
+  variables = unit.init(jax.random.key(0), x)
+  probe = jax.random.normal(jax.random.key(2), (3, 4, 6, 13))  # (B, H_out, W_out, C_out)
+
+  def loss(params, x):
+    y, _ = unit.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.sum(y * probe)
+
+  results = {}
+  for impl in conv.IMPLS:
+    with conv.use_impl(impl):
+      results[impl] = jax.jit(jax.value_and_grad(loss, (0, 1)))(variables['params'], x)
+  want, got = jax.tree.leaves(results['xla']), jax.tree.leaves(results['im2col'])
+  for g, r in zip(got, want, strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
 
 
