@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,10 +25,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ('xla', 'im2col')
-# 'auto' resolves per backend to the implementation measured faster there
-# (benchmarks/torch_resnet_step.py --impls=xla,im2col).
-AUTO = {'cpu': 'im2col'}
+# 'im2col_large': im2col for the convolutions with at least IM2COL_MIN_ROWS output positions
+# (B * H_out * W_out), XLA's for the others.
+IMPLS = ('xla', 'im2col', 'im2col_large')
+IM2COL_MIN_ROWS = 2**17
+# 'auto' resolves per backend to the implementation measured faster there (README, "Benchmarks":
+# im2col won at batch 128 and lost at 32 and 64 on CPU, so only the largest convs take it).
+AUTO = {'cpu': 'im2col_large'}
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 _IMPL = contextvars.ContextVar('conv_impl', default='xla')
 
@@ -54,8 +58,12 @@ def use_impl(name: str) -> Iterator[None]:
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-  """lax.conv_general_dilated, or `im2col_conv` inside a `use_impl('im2col')` scope."""
-  fn = im2col_conv if _IMPL.get() == 'im2col' else lax.conv_general_dilated
+  """lax.conv_general_dilated, or `im2col_conv` where the innermost `use_impl` scope says so."""
+  impl = _IMPL.get()
+  if impl == 'im2col_large':
+    out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, *args, **kwargs), lhs, rhs)
+    impl = 'im2col' if math.prod(out.shape[:-1]) >= IM2COL_MIN_ROWS else 'xla'  # NHWC output
+  fn = im2col_conv if impl == 'im2col' else lax.conv_general_dilated
   return fn(lhs, rhs, *args, **kwargs)
 
 
