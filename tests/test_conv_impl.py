@@ -115,18 +115,18 @@ def test_resnet_runs_every_conv_weight_grad_as_a_dot_under_im2col():
     jaxprs[impl] = str(jax.make_jaxpr(jax.grad(loss))(*args))
   # Stem, 16 block convs and 3 shortcuts: 20 weight gradients became dots (tracing only).
   assert jaxprs['im2col'].count('dot_general[') - jaxprs['xla'].count('dot_general[') == 20
-  assert jaxprs['im2col_large'] == jaxprs['xla']  # 2 x 9 x 9 positions: below the threshold
+  assert jaxprs['im2col_large'] == jaxprs['xla']  # batch 2: below the threshold
 
 
 @pytest.mark.parametrize(
-  'batch, strides, dots', [(128, (1, 1), 1), (127, (1, 1), 0), (128, (2, 2), 0)]
+  'batch, dots', [(conv.IM2COL_MIN_BATCH, 1), (conv.IM2COL_MIN_BATCH - 1, 0)]
 )
-def test_im2col_large_takes_convs_from_min_rows_output_positions(batch, strides, dots):
-  x = jnp.zeros((batch, 32, 32, 2))  # (B, H, W, C_in): 128 x 32 x 32 = IM2COL_MIN_ROWS outputs
+def test_im2col_large_takes_convs_from_min_batch(batch, dots):
+  x = jnp.zeros((batch, 5, 3, 2))  # (B, H, W, C_in)
 
   def loss(w):
     with conv.use_impl('im2col_large'):
-      y = conv.conv_general_dilated(x, w, strides, 'SAME', dimension_numbers=DIMS)
+      y = conv.conv_general_dilated(x, w, (2, 2), 'SAME', dimension_numbers=DIMS)
     return jnp.sum(y)
 
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(jnp.zeros((3, 3, 2, 3))))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,12 +24,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# 'im2col_large': im2col for the convolutions with at least IM2COL_MIN_ROWS output positions
-# (B * H_out * W_out), XLA's for the others.
+# 'im2col_large': im2col for the convolutions over batches of at least IM2COL_MIN_BATCH examples
+# (per device), XLA's for the others.
 IMPLS = ('xla', 'im2col', 'im2col_large')
-IM2COL_MIN_ROWS = 2**17
+IM2COL_MIN_BATCH = 128
 # 'auto' resolves per backend to the implementation measured faster there (README, "Benchmarks":
-# im2col won at batch 128 and lost at 32 and 64 on CPU, so only the largest convs take it).
+# on CPU im2col won at batch 128 and lost at 32 and 64).
 AUTO = {'cpu': 'im2col_large'}
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 _IMPL = contextvars.ContextVar('conv_impl', default='xla')
@@ -61,8 +60,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: A
   """lax.conv_general_dilated, or `im2col_conv` where the innermost `use_impl` scope says so."""
   impl = _IMPL.get()
   if impl == 'im2col_large':
-    out = jax.eval_shape(lambda a, b: lax.conv_general_dilated(a, b, *args, **kwargs), lhs, rhs)
-    impl = 'im2col' if math.prod(out.shape[:-1]) >= IM2COL_MIN_ROWS else 'xla'  # NHWC output
+    impl = 'im2col' if lhs.shape[0] >= IM2COL_MIN_BATCH else 'xla'  # NHWC: batch first
   fn = im2col_conv if impl == 'im2col' else lax.conv_general_dilated
   return fn(lhs, rhs, *args, **kwargs)
 
