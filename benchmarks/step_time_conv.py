@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from step_time_xla import VARIANTS, check_variants
 
+from sift_jax.sparse_layers.conv import weight_grad
+
 # (spatial size, channels) of the 3x3 stride-1 convs in each stage of the CIFAR ResNet-18.
 STAGES = ((32, 64), (16, 128), (8, 256), (4, 512))
 DIMS = ('NHWC', 'HWIO', 'NHWC')
@@ -31,40 +33,13 @@ def conv(x: jax.Array, w: jax.Array) -> jax.Array:
   return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=DIMS)
 
 
-def weight_grad_matmul(
-  x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int], padding
-) -> jax.Array:
-  """dL/dw of an NHWC/HWIO convolution as kh * kw matmuls over (B * H_out * W_out).
-
-  XLA:CPU lowers the weight gradient to a convolution whose window is the whole image, which its
-  Eigen kernel runs several times slower than the forward conv; the same sum written as one dot
-  per kernel tap runs at matmul speed.
-  """
-  kh, kw = kernel_size
-  sh, sw = strides
-  b, ho, wo, _ = dy.shape
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))  # (B, H + pads, W + pads, C_in)
-  taps = [
-    jax.lax.slice(
-      xp,
-      (0, i, j, 0),
-      (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, x.shape[3]),
-      (1, sh, sw, 1),
-    )  # (B, H_out, W_out, C_in)
-    for i in range(kh)
-    for j in range(kw)
-  ]
-  dw = [jnp.einsum('bhwc,bhwd->cd', t, dy) for t in taps]  # kh * kw x (C_in, C_out)
-  return jnp.stack(dw).reshape(kh, kw, x.shape[3], dy.shape[3])
-
-
 def passes() -> dict:
-  """The forward conv, the two halves of its VJP and the weight grad as matmuls, of (x, w, dy)."""
+  """The forward conv, the two halves of its VJP and the weight grad as one im2col matmul."""
   return {
     'forward': lambda x, w, dy: conv(x, w),
     'input_grad': lambda x, w, dy: jax.vjp(lambda x_: conv(x_, w), x)[1](dy)[0],
     'weight_grad': lambda x, w, dy: jax.vjp(lambda w_: conv(x, w_), w)[1](dy)[0],
-    'wgrad_matmul': lambda x, w, dy: weight_grad_matmul(x, dy, (3, 3), (1, 1), ((1, 1), (1, 1))),
+    'wgrad_im2col': lambda x, w, dy: weight_grad(x, dy, w.shape, (1, 1), ((1, 1), (1, 1))),
   }
 
 
@@ -98,12 +73,12 @@ def main(argv):
       for v in _VARIANTS.value:
         compiled = lowered.compile(compiler_options=VARIANTS[v])
         rates.append(gflop / best_seconds(compiled, (x, w, dy), _REPEATS.value))
-      if pass_name == 'wgrad_matmul':
+      if pass_name == 'wgrad_im2col':
         ref = jax.jit(passes()['weight_grad'])(x, w, dy)
         got = jax.jit(fn)(x, w, dy)
         err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
         if err > 1e-2:
-          raise AssertionError(f"matmul weight grad differs from XLA's by {err:.2g} (relative)")
+          raise AssertionError(f"im2col weight grad differs from XLA's by {err:.2g} (relative)")
       print(f'{h:>3} {c:>4} {pass_name:<12}' + ''.join(f'{r:12.1f}' for r in rates), flush=True)
 
 

@@ -22,6 +22,7 @@ from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.models.mlp import MLP
 from sift_jax.models.resnet import STAGE_BLOCKS, STEMS, ResNet
 from sift_jax.registry import MODELS
+from sift_jax.sparse_layers import conv
 
 __all__ = [
   'MODEL_DEFAULTS',
@@ -179,7 +180,7 @@ def _build_gpt(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn
   )
 
 
-@register_model('resnet', {'depth': 18, 'stem': 'cifar', 'width': 64})
+@register_model('resnet', {'depth': 18, 'stem': 'cifar', 'width': 64, 'conv_impl': 'auto'})
 def _build_resnet(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn.Module:
   m = resolved(config)
   _require_meta(meta, ('num_classes', 'image_shape'), 'resnet')
@@ -196,6 +197,7 @@ def _build_resnet(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) ->
     # The original code widens the base width, then doubles it per stage (90, 180, 360, 720).
     widths=tuple(layers.scale_width(config, width) * 2**i for i in range(4)),
     dtype=DTYPES[m['dtype']],
+    conv_impl=conv.resolve_impl(m['conv_impl']),
   )
 
 

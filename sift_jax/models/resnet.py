@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sift_jax.models import layers
+from sift_jax.sparse_layers import conv
 
 STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 STEMS = ('cifar', 'imagenet')
@@ -55,35 +56,39 @@ class ResNet(nn.Module):
   stem: str
   widths: tuple[int, ...]  # channels of the four stages
   dtype: Any
+  conv_impl: str = 'xla'  # sift_jax.sparse_layers.conv.IMPLS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    x = x.astype(self.dtype)
-    if self.stem == 'cifar':
-      stem_kernel, stem_strides = (3, 3), (1, 1)
-    else:
-      stem_kernel, stem_strides = (7, 7), (2, 2)
-    pad = [((k - 1) // 2, (k - 1) // 2) for k in stem_kernel]
-    x = nn.Conv(
-      self.widths[0],
-      stem_kernel,
-      strides=stem_strides,
-      padding=pad,
-      use_bias=False,
-      kernel_init=CONV_INIT,
-      dtype=self.dtype,
-      name='stem_conv',
-    )(x)
-    x = nn.relu(_norm(train, self.dtype)(name='stem_norm')(x))
-    if self.stem == 'imagenet':
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # Every convolution below is traced inside this scope, so all run self.conv_impl.
+    with conv.use_impl(self.conv_impl):
+      x = x.astype(self.dtype)
+      if self.stem == 'cifar':
+        stem_kernel, stem_strides = (3, 3), (1, 1)
+      else:
+        stem_kernel, stem_strides = (7, 7), (2, 2)
+      pad = [((k - 1) // 2, (k - 1) // 2) for k in stem_kernel]
+      x = nn.Conv(
+        self.widths[0],
+        stem_kernel,
+        strides=stem_strides,
+        padding=pad,
+        use_bias=False,
+        kernel_init=CONV_INIT,
+        dtype=self.dtype,
+        conv_general_dilated=conv.conv_general_dilated,
+        name='stem_conv',
+      )(x)
+      x = nn.relu(_norm(train, self.dtype)(name='stem_norm')(x))
+      if self.stem == 'imagenet':
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    for stage, (blocks, features) in enumerate(zip(self.stage_blocks, self.widths, strict=True)):
-      for i in range(blocks):
-        strides = 2 if stage > 0 and i == 0 else 1
-        x = BasicBlock(self.config, features, strides, self.dtype, name=f'layer{stage + 1}_{i}')(
-          x, train
-        )
-    x = jnp.mean(x, axis=(1, 2))  # (B, C)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
-    return x.astype(jnp.float32)  # (B, classes)
+      for stage, (blocks, features) in enumerate(zip(self.stage_blocks, self.widths, strict=True)):
+        for i in range(blocks):
+          strides = 2 if stage > 0 and i == 0 else 1
+          x = BasicBlock(self.config, features, strides, self.dtype, name=f'layer{stage + 1}_{i}')(
+            x, train
+          )
+      x = jnp.mean(x, axis=(1, 2))  # (B, C)
+      x = nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x)
+      return x.astype(jnp.float32)  # (B, classes)

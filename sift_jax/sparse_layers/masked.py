@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sift_jax.sparse_layers import conv
+
 Initializer = Callable[..., jax.Array]
 NormFactory = Callable[..., nn.Module]
 
@@ -38,7 +40,9 @@ class SparseDense(nn.Dense):
 
 
 class SparseConv(nn.Conv):
-  """nn.Conv whose kernel is declared sparse."""
+  """nn.Conv whose kernel is declared sparse, run by the model's conv implementation (conv.py)."""
+
+  conv_general_dilated: Callable[..., jax.Array] | None = conv.conv_general_dilated
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -74,6 +78,7 @@ class ConvNorm(nn.Module):
       use_bias=False,
       kernel_init=self.kernel_init,
       dtype=self.dtype,
+      conv_general_dilated=conv.conv_general_dilated,
       name='conv',
     )(x)
     return self.norm(name='norm')(x)
