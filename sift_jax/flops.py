@@ -6,8 +6,7 @@ The forward pass is traced abstractly (jax.eval_shape) with `nn.intercept_method
 Dense / Conv / Embed.attend call and each module that reports its own matmuls through a
 `forward_flops(*args, **kwargs) -> {name: flops}` method (the attention cores). Nothing the size
 of the model is allocated. Counts are per example: per image, or per sequence for text.
-
-  python -m sift_jax.flops --config=configs/resnet18_cifar100.py
+`python -m sift_jax.model_report --config=...` prints the table of a config's model.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from sift_jax import models, sparsity
+from sift_jax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,43 +148,3 @@ def format_table(report: FlopReport) -> str:
     f'{report.forward / max(report.forward_dense, 1.0):7.4f}  {report.forward / 1e6:12.3f}'
   )
   return '\n'.join(lines)
-
-
-def describe(config: ml_collections.ConfigDict) -> str:
-  """The per-layer table, parameter count, Sparse-IFT ratios and training FLOPs of the model
-  `config` trains (sized by its dataset's meta, as the trainer sizes it)."""
-  from sift_jax import data
-  from sift_jax.sift import match  # sift_jax.sift builds on this module
-  from sift_jax.sift import report as sift_report
-
-  meta = data.dataset_meta(config)
-  model = models.build_model(config, meta)
-  level = match.mask_level(config, meta)  # solved with sift.match_flops
-  report = count_forward_flops(model, config, meta, uniform_densities(model, config, meta, level))
-  lines = [format_table(report), f'params: {models.count_params(model, config, meta):,}']
-  if config.sift.name != 'dense':
-    r = sift_report.sift_flops(config, meta)
-    lines.append(
-      f'sift {r.name} at s={r.level:g} (masks at s={r.mask_level:.4f}) vs the dense model: '
-      f'params {r.params / r.dense_params:.3f}x, active {r.active_params / r.dense_params:.3f}x, '
-      f'forward {r.forward / r.dense_forward:.4f}x, '
-      f'transformed layers {r.transformed / r.dense_transformed:.4f}x'
-    )
-  variables = models.abstract_variables(model, config, meta)
-  rule = sparsity.make_rule(config, variables['params'], models.sparse_kernel_paths(variables))
-  densities = uniform_densities(model, config, meta, level)
-  train = training_flops_per_example(rule, report, densities, step=0)
-  lines.append(f'training GFLOPs per example ({config.sparsity.rule}): {train / 1e9:.4f}')
-  return '\n'.join(lines)
-
-
-if __name__ == '__main__':
-  # Flags are defined here, not at import, so importing this module defines no global flags.
-  import sys
-
-  from absl import app, flags
-
-  from sift_jax import config_lib
-
-  _, _argv = config_lib.define_config_flag(sys.argv)
-  app.run(lambda argv: print(describe(flags.FLAGS.config)), argv=_argv)

@@ -68,7 +68,9 @@ def test_built_package_carries_the_configs(tmp_path):
 
 
 def test_readme_command_runs_outside_the_repository(tmp_path):
-  out = run_module('sift_jax.flops', ['--config=configs/gpt_small_wide.py:local'], str(tmp_path))
+  out = run_module(
+    'sift_jax.model_report', ['--config=configs/gpt_small_wide.py:local'], str(tmp_path)
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'params:' in out.stdout
 

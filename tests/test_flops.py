@@ -200,7 +200,7 @@ def test_cli_prints_per_layer_table(tmp_path):
   )
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu'}
   out = subprocess.run(
-    [sys.executable, '-m', 'sift_jax.flops', f'--config={config_file}'],
+    [sys.executable, '-m', 'sift_jax.model_report', f'--config={config_file}'],
     env=env,
     cwd=REPO,
     capture_output=True,

@@ -34,7 +34,9 @@ def python(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def test_flops_cli_describes_the_model_the_trainer_builds(tmp_path):
   """gpt_small_wide:local is a 256-byte vocabulary: 1.7M params, 1.103x forward FLOPs."""
-  out = python('-m', 'sift_jax.flops', '--config=configs/gpt_small_wide.py:local', cwd=tmp_path)
+  out = python(
+    '-m', 'sift_jax.model_report', '--config=configs/gpt_small_wide.py:local', cwd=tmp_path
+  )
   exp = train.build_experiment(config_lib.load_config('configs/gpt_small_wide.py', 'local'))
   params = sum(leaf.size for leaf in jax.tree.leaves(exp.abstract_state.params))
   assert f'params: {params:,}' in out.stdout
@@ -49,7 +51,9 @@ def test_flops_cli_sizes_images_by_the_dataset(tmp_path):
   from sift_jax import data
 
   c = config_lib.load_config('configs/resnet18_cifar100.py', 'local')
-  out = python('-m', 'sift_jax.flops', '--config=configs/resnet18_cifar100.py:local', cwd=tmp_path)
+  out = python(
+    '-m', 'sift_jax.model_report', '--config=configs/resnet18_cifar100.py:local', cwd=tmp_path
+  )
   meta = data.build_dataset(c).meta
   assert meta['num_classes'] == 10
   assert f'params: {models.count_params(models.build_model(c, meta), c, meta):,}' in out.stdout
