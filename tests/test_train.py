@@ -563,18 +563,16 @@ def test_sigterm_after_the_final_checkpoint_finishes_the_run_and_exits_zero(tmp_
 
 def test_a_full_disk_during_a_save_is_one_line_on_the_console(tmp_path):
   script = f"""
-import errno, os, sys
-from absl import app
+import errno, os
 from sift_jax import checkpointing, main
 
 def full(path, *args):
   raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 checkpointing._write_json_atomic = full  # runs inside orbax's save, on its thread
-sys.argv = ['main', '--config={REPO}/configs/mlp_fashion_mnist.py:local',
-            '--config.data.name=digits', '--config.total_steps=4',
-            '--config.checkpoint_every_steps=2', '--workdir={tmp_path}']
-app.run(main.main)
+main.run(['main', '--config={REPO}/configs/mlp_fashion_mnist.py:local',
+          '--config.data.name=digits', '--config.total_steps=4',
+          '--config.checkpoint_every_steps=2', '--workdir={tmp_path}'])
 """
   out = subprocess.run(
     [sys.executable, '-c', script], cwd=REPO, capture_output=True, text=True, timeout=600

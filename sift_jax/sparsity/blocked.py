@@ -125,6 +125,10 @@ class BlockRule:
   def metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
     return self.rule.metrics(self.masked_sstate(sstate))
 
+  def training_flops(self, report: Any, densities: Any, step: int) -> float:
+    """The wrapped rule's accounting: block-sparse execution computes the same products."""
+    return self.rule.training_flops(report, densities, step)
+
   def update(
     self,
     sstate: dict[str, Any],
