@@ -181,3 +181,24 @@ def test_export_without_a_checkpoint_is_one_line(tmp_path):
   )
   assert out.returncode == 2 and 'Traceback' not in out.stderr
   assert f'no checkpoint under {tmp_path / "checkpoints"}' in out.stderr
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+  'sweep_file',
+  sorted(
+    os.path.relpath(os.path.join(root, f), REPO)
+    for root, _, files in os.walk(os.path.join(REPO, 'experiments'))
+    if 'runs' not in root
+    for f in files
+    if f.startswith('sweep') and f.endswith('.py')
+  ),
+)
+def test_study_sweep_lists_its_runs_with_three_seeds_each(sweep_file):
+  out = python('-m', 'sift_jax.sweep', sweep_file, '--dry_run', timeout=120)
+  head = out.stdout.splitlines()[0]
+  total = int(re.match(r'(\d+) runs:', head).group(1))
+  assert total > 0 and ' 0 conflict' in head, head
+  names = re.findall(r'^\S+\s+(\S+)$', out.stdout, flags=re.M)
+  per_seed = [sum(n.endswith(f'seed-{s}') for n in names) for s in range(3)]
+  assert per_seed[0] * 3 == total and per_seed == [per_seed[0]] * 3, (sweep_file, per_seed)
