@@ -4,7 +4,7 @@ The `local` byte/char-level GPT (4 layers, d 128, context 128, batch 16) on tiny
 (65 characters) and PTB (the project's word-level loader, 10,000 words). Per dataset: dense;
 Sparse Wide at s = 0.5 and 0.75, static and RigL; Sparse Parallel, Factorized and Doped at
 s = 0.5 with RigL; dense models widened to 1.97x (d 184) and 3.92x (d 264) the training FLOPs
-(`python -m sift_jax.flops`). Same steps and tokens for every run. The list runs tinyshakespeare
+(`python -m sift_jax.model_report`). Same steps and tokens for every run. The list runs tinyshakespeare
 first, seed 0 of every setting before seeds 1 and 2, then PTB likewise; each dataset's first run
 is its dense seed 0, which checks the run length against the plateau bar (README.md).
 """
