@@ -142,9 +142,9 @@ BENCHMARKS = [
     marks=pytest.mark.slow,
   ),
   pytest.param(
-    ['sift_step_time.py', '--models=gpt', '--levels=0.5', '--members=wide', '--steps=1']
-    + ['--windows=1', '--batch_size=8'],
-    'wide',
+    ['sift_step_time.py', '--models=mlp', '--levels=0.75', '--members=wide', '--steps=1']
+    + ['--windows=1', '--batch_size=8', '--executions=masked,block_sparse', '--blocks=64'],
+    'block 64',
     id='sift_step_time',
     marks=pytest.mark.slow,
   ),
