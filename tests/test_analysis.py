@@ -24,8 +24,9 @@ SETTINGS = {
 STEPS, BATCH = 40, 8
 
 
-def write_run(folder, sift, rule, level, seed, accuracy, finished=True) -> None:
-  """A run folder as the trainer writes it: eval every 10 steps, log every 5."""
+def write_run(folder, sift, rule, level, seed, accuracy, finished=True, gap=None) -> None:
+  """A run folder as the trainer writes it: eval every 10 steps, log every 5; with `gap`, eval
+  rows carry spectral scores ending at ramanujan_gap = gap and weighted_gap = -gap."""
   os.makedirs(folder)
   config = {
     'seed': seed,
@@ -45,6 +46,9 @@ def write_run(folder, sift, rule, level, seed, accuracy, finished=True) -> None:
       row['flops/train_per_example'] = flops * (2 if step <= 10 else 1)
       if step % 10 == 0:
         row['eval/accuracy'] = accuracy * step / STEPS
+        if gap is not None:
+          row['spectral/ramanujan_gap'] = gap * step / STEPS
+          row['spectral/weighted_gap'] = -gap * step / STEPS
       f.write(json.dumps(row) + '\n')
       if step == 20:
         # A resume logs steps again after its checkpoint; a SIGKILL can cut a line short.
@@ -185,3 +189,27 @@ def test_cli_writes_into_out_and_rejects_an_empty_folder(study, tmp_path):
   empty = subprocess.run([*cmd, str(tmp_path / 'out')], env=env, capture_output=True, text=True)
   assert empty.returncode == 2
   assert 'error: no run folders (with a config.json) under' in empty.stderr
+
+
+def test_spectral_scores_rank_correlate_with_the_final_metric(tmp_path):
+  # Across levels the gap rises with accuracy; within a level it falls (seed order reversed).
+  for level, base in ((0.5, 0.80), (0.75, 0.90)):
+    for seed in range(3):
+      accuracy = base + 0.01 * seed
+      gap = 10 * level - 0.1 * seed
+      write_run(tmp_path / f'{level}_{seed}', 'wide', 'rigl', level, seed, accuracy, gap=gap)
+  out = report.write_report(str(tmp_path))
+  rows = {line.split('|')[1].strip(): line for line in out['spectral'].splitlines() if '|' in line}
+  assert '| all runs | s=0.5 | s=0.75 |' in out['spectral']
+  cells = [c.strip() for c in rows['ramanujan_gap'].split('|')[2:5]]
+  assert cells[0].startswith('+0.54') and cells[0].endswith('n=6)')  # 1 - 6 * 16 / (6 * 35)
+  assert cells[1].startswith('-1.00') and cells[2].startswith('-1.00')
+  assert rows['weighted_gap'].split('|')[2].strip().startswith('-0.54')
+  assert 'im_ramanujan_gap' not in rows  # never logged: no row
+  assert (tmp_path / 'spectral.md').read_text() == out['spectral']
+  assert (tmp_path / 'spectral_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_no_spectral_metrics_no_spectral_outputs(study):
+  root, out = study
+  assert out['spectral'] is None and not (root / 'spectral.md').exists()

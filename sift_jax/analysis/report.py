@@ -8,7 +8,11 @@ of a run") and writes beside it:
 - metric_vs_train_flops.png, metric_vs_sparsity.png, curve_vs_step.png,
   curve_vs_train_flops.png: final metric against training FLOPs per example and against the
   sparsity per member/rule, and the eval curves against step and cumulative training FLOPs,
-  mean over seeds with a +-1 std band.
+  mean over seeds with a +-1 std band;
+- when the runs logged spectral metrics (`analysis.spectral=True`): spectral.md, the Spearman
+  rank correlation of each score's final value with the final metric across the finished runs
+  (all of them, and within each sparsity level, where the level does not drive both), and
+  spectral_curves.png, each score against step per setting.
 
 A run's setting is the set of config keys that differ between the runs, minus the seed: runs
 that differ only in their seed are one setting, whatever made them (a sweep or by hand).
@@ -25,8 +29,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 from absl import app, flags
 
+from sift_jax.analysis.spectral import SCORES
 from sift_jax.train import flatten
 
 # Keys that say nothing about the experiment (where it ran, how often it reported).
@@ -367,6 +373,72 @@ def plot_curves(runs, keys, metric, ylabel, path, against: str, colors: Colors) 
   _save(fig, ax, path)
 
 
+def final_values(run: dict[str, Any], key: str) -> float:
+  """The last logged value of `key` in a run's metrics (nan if never logged)."""
+  values = [row[key] for row in run['metrics'] if key in row]
+  return float(values[-1]) if values else math.nan
+
+
+def spectral_table(runs, keys, metric) -> str | None:
+  """Markdown: per spectral score, Spearman's rho (and p) of its final value with the final
+  metric over the finished runs, overall and per sparsity level; None without spectral metrics."""
+  done = [r for r in runs if r['summary'] is not None]
+  scores = [k for k in SCORES if any(math.isfinite(final_values(r, f'spectral/{k}')) for r in done)]
+  if not scores:
+    return None
+  levels = sorted({r['config'].get('sparsity.level') for r in done}, key=str)
+  pools = [('all runs', done)]
+  if 'sparsity.level' in keys:
+    pools += [
+      (f's={v}', [r for r in done if r['config'].get('sparsity.level') == v]) for v in levels
+    ]
+  lines = [
+    f'Spearman rank correlation of each spectral score (final value, mean over the sparse '
+    f'layers) with the final {metric}, over finished runs: rho (p-value, n).',
+    '',
+    '| score | ' + ' | '.join(name for name, _ in pools) + ' |',
+    '|---' * (len(pools) + 1) + '|',
+  ]
+  for k in scores:
+    cells = []
+    for _, pool in pools:
+      x = np.array([final_values(r, f'spectral/{k}') for r in pool])  # (runs,)
+      y = np.array([r['summary'].get(metric, math.nan) for r in pool])  # (runs,)
+      ok = np.isfinite(x) & np.isfinite(y)
+      if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        cells.append(f'- (n={int(ok.sum())})')
+        continue
+      rho, p = scipy.stats.spearmanr(x[ok], y[ok])
+      cells.append(f'{rho:+.2f} (p={p:.2g}, n={int(ok.sum())})')
+    lines.append(f'| {k} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_spectral_curves(runs, keys, path, colors: Colors) -> None:
+  """One panel per spectral score: its value against step per setting, mean ± std over seeds."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(12, 8), dpi=120, layout='constrained')
+  axes = fig.subplots(2, 2)
+  fig.suptitle('spectral scores of the sparse layers during training (mean ± std over seeds)')
+  for ax, k in zip(axes.flat, SCORES, strict=True):
+    for setting, (steps, _, values) in eval_curves(runs, keys, f'spectral/{k}').items():
+      if not len(steps):
+        continue
+      name = label(dict(zip(keys, setting, strict=True)))
+      mean = values.mean(0)  # (steps,)
+      ax.plot(steps, mean, marker='.', color=colors(name), label=name)
+      if len(values) > 1:
+        std = values.std(0, ddof=1)  # (steps,)
+        ax.fill_between(steps, mean - std, mean + std, color=colors(name), alpha=0.2, lw=0)
+    ax.set_title(k)
+    ax.set_xlabel('training step')
+    ax.set_ylabel(f'{k} (mean over sparse layers)')
+    ax.grid(alpha=0.3)
+  axes.flat[0].legend(fontsize=7)
+  fig.savefig(path)
+
+
 PLOTS = (
   'metric_vs_train_flops.png',
   'metric_vs_sparsity.png',
@@ -398,7 +470,18 @@ def write_report(study: str, out: str | None = None, metric: str | None = None) 
   plot_metric_vs_sparsity(rows, keys, key, ylabel, os.path.join(out, PLOTS[1]), colors)
   plot_curves(runs, keys, key, ylabel, os.path.join(out, PLOTS[2]), 'step', colors)
   plot_curves(runs, keys, key, ylabel, os.path.join(out, PLOTS[3]), 'flops', colors)
-  return {'runs': len(runs), 'setting_keys': keys, 'metric': key, 'table': table}
+  spectral = spectral_table(runs, keys, key)
+  if spectral:
+    with open(os.path.join(out, 'spectral.md'), 'w') as f:
+      f.write(spectral)
+    plot_spectral_curves(runs, keys, os.path.join(out, 'spectral_curves.png'), colors)
+  return {
+    'runs': len(runs),
+    'setting_keys': keys,
+    'metric': key,
+    'table': table,
+    'spectral': spectral,
+  }
 
 
 def main(argv: list[str]) -> None:
@@ -410,6 +493,8 @@ def main(argv: list[str]) -> None:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
   print(report['table'])
+  if report['spectral']:
+    print(report['spectral'])
   print(
     f'{report["runs"]} runs; wrote results.csv, table.md, {", ".join(PLOTS)} to '
     f'{_OUT.value or argv[1]}'
