@@ -74,6 +74,7 @@ def test_a_registered_dataset_takes_data_workers_from_the_config():
   c = make_config(workers=1, batch_size=16)
   d = build_dataset(c)  # digits
   assert d.workers == 1
+  assert d.train_iterator(0).__name__ == 'grain_train_iterator'  # not started: no worker yet
   assert_batches_equal(take(d, 7, 2), [d.train_batch(7), d.train_batch(8)])
 
 

@@ -68,6 +68,7 @@ def grain_train_iterator(
   # Imported here: grain (and its multiprocessing machinery) loads only when a run asks for it.
   import grain
 
+  _default_unparsed_grain_flag()
   steps = grain.MapDataset.range(start_step, sys.maxsize).map(train_batch)
   # num_threads=0: each worker builds its batches in its main thread; the parallelism is the
   # processes, and more threads would only add batches in memory and GIL contention.
@@ -81,3 +82,24 @@ def grain_train_iterator(
     yield from it
   finally:
     it.close()
+
+
+# Read by grain 0.2.18 when it starts a worker whenever JAX is installed; google/grain#1355.
+PROFILING_FLAG = 'grain_enable_multiprocess_worker_profiling'
+
+
+def _default_unparsed_grain_flag() -> None:
+  """Gives grain's worker-profiling flag its default in a process that never parsed absl flags.
+
+  grain 0.2.18 reads the flag's value when it starts workers, which raises
+  UnparsedFlagAccessError in such a process (tests, notebooks: train_and_evaluate without
+  absl.app); fixed upstream after that release. Parsing just this flag as its default keeps the
+  behaviour and leaves every other flag, and a later parse of the command line, alone.
+  """
+  from absl import flags
+
+  if flags.FLAGS.is_parsed() or PROFILING_FLAG not in flags.FLAGS:
+    return
+  flag = flags.FLAGS[PROFILING_FLAG]
+  if not flag.present:
+    flag.parse(flag.default)
