@@ -21,9 +21,11 @@ global batch, with draws made from (seed, step) for the whole global batch). Res
 starts the range at N.
 
 A worker is a spawned process that receives the dataset by pickling, so the train source must be
-picklable: in-memory arrays are copied to each worker, TFDS data sources reopen their files there.
-Finished batches come back through shared memory. Each worker holds about `prefetch / N` finished
-batches (at least 1), so the host keeps roughly as many batches in memory as the thread path does.
+picklable: in-memory arrays are copied to each worker; TFDS's ArrayRecord data sources pickle as a
+few kB that reopen the files. Each worker copies its finished batches into shared memory (for
+ImageNet float32 batches a noticeable fraction of the work: one worker can be slower than the
+thread) and queues up to ceil(prefetch / N) of them, and grain buffers as many per worker in this
+process: about 2 * prefetch + N batches in memory, against prefetch + 1 for the thread.
 
 Text datasets keep the thread path for any `data.workers`: their batches are slices of a token
 array in memory, which one thread builds far faster than a step consumes them.
