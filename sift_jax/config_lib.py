@@ -43,6 +43,7 @@ RUN_LENGTH_KEYS = (
   'eval.max_examples',
   'progress',
   'analysis.spectral',  # what is logged, not what is trained
+  'data.workers',  # who builds the batches, not which: they are the same for every count
   # Where the processes of a run meet is not part of the experiment.
   'distributed.initialize',
   'distributed.coordinator_address',
@@ -100,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seq_len = 0  # text: tokens per example (0 = the model's context length)
   c.data.augment = True  # images: the dataset's standard training augmentation
   c.data.max_bytes = 20_000_000  # python_stdlib: corpus cap (about 1 s to load)
+  # Images: training batches built in this many grain worker processes (the same batches);
+  # 0 = one prefetch thread of the training process. Text always uses the thread.
+  c.data.workers = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.max_examples = 0  # 0 = the whole eval split

@@ -156,6 +156,12 @@ BENCHMARKS = [
     marks=pytest.mark.slow,
   ),
   pytest.param(
+    ['input_pipeline.py', '--workers=1', '--images=4', '--width=64', '--height=48']
+    + ['--batch_size=4', '--batches=1', '--warmup=1', '--windows=1'],
+    'grain, 1 worker',
+    id='input_pipeline',
+  ),
+  pytest.param(
     ['scaling.py', '--layouts=1,2x1', '--steps=1', '--windows=1'],
     '2x1',
     id='scaling',

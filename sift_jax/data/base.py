@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 import ml_collections
 import numpy as np
 
+from sift_jax.data import pipeline
+
 Batch = dict[str, np.ndarray]
 
 # Dataset name -> (config) -> the meta its Dataset would have, computed without loading the data.
@@ -74,6 +76,8 @@ class Dataset(abc.ABC):
     if config.eval.max_examples < 0:
       raise ValueError(f'eval.max_examples={config.eval.max_examples}: need >= 0 (0 = all)')
     self.eval_max_examples = int(config.eval.max_examples)
+    # Configs saved before the key existed build their batches in the thread.
+    self.workers = pipeline.checked_workers(config.data.get('workers', 0))
 
   def _checked_batch_size(self, key: str, size: int) -> int:
     if size <= 0 or size % self.process_count:
@@ -113,8 +117,9 @@ class Dataset(abc.ABC):
   def train_iterator(self, start_step: int, prefetch: int = 3) -> Iterator[Batch]:
     """train_batch(start_step), train_batch(start_step + 1), ... built `prefetch` ahead in a thread.
 
-    Errors raised while building a batch are re-raised here. Closing the generator (or dropping
-    it) stops the thread.
+    The image datasets build them in grain worker processes instead when `data.workers` > 0
+    (pipeline.py); the batches are the same. Errors raised while building a batch are re-raised
+    here. Closing the generator (or dropping it) stops the thread.
     """
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()

@@ -10,6 +10,7 @@ epochs). Augmentation (data.augment, train only) draws its randomness for the gl
 - 'none': digits (a mirrored digit is another symbol; 8x8 leaves no room to crop) and
   fashion_mnist (kept plain so its numbers compare with the usual MLP baselines).
 Pixels are normalised per channel with each dataset's mean/std constants (in [0, 1] units).
+data.workers > 0 builds the training batches in grain worker processes (pipeline.py).
 
 Splits: digits = sklearn's load_digits, first 1500 train, last 297 eval; fashion_mnist = the IDX
 train / t10k files; cifar10_jpg = the train / test folders of the archive, decoded once and cached
@@ -22,7 +23,7 @@ import dataclasses
 import functools
 import io
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -31,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from sift_jax import registry
-from sift_jax.data import augment, files
+from sift_jax.data import augment, files, pipeline
 from sift_jax.data.base import (
   EVAL_SUBSET_SEED,
   METAS,
@@ -172,6 +173,13 @@ class ImageDataset(Dataset):
   def train_batch(self, step: int) -> Batch:
     images, labels = self.train_source.get(self.train_indices(step))
     return self._batch(self._train_pixels(images, step), labels)
+
+  def train_iterator(self, start_step: int, prefetch: int = 3) -> Iterator[Batch]:
+    """As Dataset.train_iterator; with data.workers > 0 the batches (the same ones) are built in
+    that many grain worker processes (pipeline.py)."""
+    if not self.workers:
+      return super().train_iterator(start_step, prefetch)
+    return pipeline.grain_train_iterator(self.train_batch, start_step, self.workers, prefetch)
 
   def _eval_subset(self, n: int, k: int) -> np.ndarray:
     labels = getattr(self.eval_source, 'labels', None)
