@@ -137,7 +137,7 @@ def test_table_values_are_mean_and_std_over_seeds(study):
   assert wide[4] == '0.8600 ± 0.0100'
   assert wide[5] == '2k'  # the same in every seed: no ± 0
   assert wide[6] == f'{np.mean(active):.3g} ± {np.std(active, ddof=1):.3g}'
-  assert wide[8] == '1k'  # 1000 * 0.25 * 4
+  assert wide[8] == '1.25k'  # the run's mean: 1000 * 0.25 * 4, twice that over steps 1-10 of 40
   assert wide[9] == f'{np.mean(step_ms):.1f} ± {np.std(step_ms, ddof=1):.1f}'
   assert '1 unfinished run(s) left out.' in table
 

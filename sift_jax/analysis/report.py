@@ -48,6 +48,7 @@ COLUMNS = (
   'params/active',
   'flops/forward_per_example',
   'flops/train_per_example',
+  'flops/train_per_example_run_mean',
   'train/step_time_s',
   'sparsity/density',
   'wall_time_s',
@@ -143,6 +144,15 @@ def cumulative_train_flops(rows: Sequence[dict[str, Any]], batch_size: int) -> n
   return np.cumsum(rate * np.diff(steps, prepend=0.0) * batch_size)
 
 
+def run_mean_train_flops(rows: Sequence[dict[str, Any]]) -> float:
+  """Training FLOPs per example averaged over the steps run: what a rule whose cost changes
+  during training (RigL's dense gradients while it updates, GMP's shrinking density) spent, where
+  summary.json holds the rate at the last step."""
+  if not rows or not rows[-1]['step']:
+    return math.nan
+  return float(cumulative_train_flops(rows, 1)[-1] / rows[-1]['step'])
+
+
 def results_rows(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
   """One flat row per run for results.csv."""
   out = []
@@ -158,7 +168,9 @@ def results_rows(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[di
       'total_steps': r['config'].get('total_steps'),
     }
     for c in COLUMNS:
-      row[c] = step_time(r['metrics']) if c == 'train/step_time_s' else summary.get(c, math.nan)
+      row[c] = summary.get(c, math.nan)
+    row['train/step_time_s'] = step_time(r['metrics'])
+    row['flops/train_per_example_run_mean'] = run_mean_train_flops(r['metrics'])
     out.append(row)
   return out
 
@@ -204,13 +216,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: 
   """Per setting: n, metric, params, active params, FLOPs per example, step time (mean ± std)."""
   head = [*(SHORT_NAMES.get(k, k) for k in keys), 'n', metric]
   head += ['params', 'active params', 'forward FLOPs/ex', 'train FLOPs/ex', 'step time (ms)']
+  # train FLOPs/ex is the run's mean (run_mean_train_flops), not the last step's rate.
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   columns = (
     (metric, lambda x: f'{x:.4f}'),
     ('params/total', si),
     ('params/active', si),
     ('flops/forward_per_example', si),
-    ('flops/train_per_example', si),
+    ('flops/train_per_example_run_mean', si),
     ('train/step_time_s', lambda x: f'{1000 * x:.1f}'),
   )
   for setting, members in group(rows, keys).items():
@@ -275,7 +288,7 @@ def plot_metric_vs_flops(rows, keys, metric, ylabel, path, colors: Colors) -> No
   xs = []
   for setting, members in group(rows, keys).items():
     name = label(dict(zip(keys, setting, strict=True)))
-    x, xe = mean_std([m['flops/train_per_example'] for m in members])
+    x, xe = mean_std([m['flops/train_per_example_run_mean'] for m in members])
     y, ye = mean_std([m[metric] for m in members])
     ax.errorbar(
       x,
@@ -290,7 +303,7 @@ def plot_metric_vs_flops(rows, keys, metric, ylabel, path, colors: Colors) -> No
     )
     xs.append(x)
   _flops_axis(ax, xs)
-  ax.set_xlabel('training FLOPs per example (FLOPs)')
+  ax.set_xlabel('training FLOPs per example, mean over the run (FLOPs)')
   ax.set_ylabel(ylabel)
   _save(fig, ax, path)
 
