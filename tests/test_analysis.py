@@ -128,6 +128,13 @@ def test_table_values_are_mean_and_std_over_seeds(study):
     'train FLOPs/ex | step time (ms) |'
   )
   rows = {tuple(c.strip() for c in line.strip('|').split('|')[:3]): line for line in lines[2:6]}
+  # Dense first, then by value (numbers as numbers).
+  assert list(rows) == [
+    ('dense', 'dense', '0.0'),
+    ('parallel', 'rigl', '0.5'),
+    ('wide', 'rigl', '0.5'),
+    ('wide', 'rigl', '0.75'),
+  ]
   wide = [c.strip() for c in rows[('wide', 'rigl', '0.75')].strip('|').split('|')]
   accuracies = [0.85, 0.86, 0.87]
   active = [1000, 999, 998]

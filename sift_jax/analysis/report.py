@@ -182,13 +182,22 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
     writer.writerows(rows)
 
 
+def setting_order(setting: tuple) -> tuple:
+  """Sort key of a setting: dense first, then by each value, numbers as numbers."""
+
+  def value(v: Any) -> tuple:
+    return (0, v, '') if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0, str(v))
+
+  return ('dense' not in setting, *map(value, setting))
+
+
 def group(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[tuple, list[dict]]:
-  """Finished rows by setting, in first-seen order."""
+  """Finished rows by setting, dense first, then in order of the settings' values."""
   groups: dict[tuple, list[dict]] = {}
   for row in rows:
     if row['finished']:
       groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-  return groups
+  return dict(sorted(groups.items(), key=lambda item: setting_order(item[0])))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
