@@ -218,7 +218,9 @@ def si(x: float, unit: str = '') -> str:
 
 def pm(mean: float, std: float, fmt) -> str:
   """'mean ± std'; the mean alone for one run or a value the same in every run."""
-  return f'{fmt(mean)} ± {fmt(std)}' if math.isfinite(std) and std > 0 else fmt(mean)
+  # A spread below float rounding (sums of the same FLOPs in another order) is no spread.
+  spread = math.isfinite(std) and std > 1e-9 * abs(mean)
+  return f'{fmt(mean)} ± {fmt(std)}' if spread else fmt(mean)
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str) -> str:
