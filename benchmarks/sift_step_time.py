@@ -2,7 +2,7 @@
 
   python benchmarks/sift_step_time.py                        # GPT and ResNet local configs
   python benchmarks/sift_step_time.py --models=gpt --levels=0.5 --steps=5
-  python benchmarks/sift_step_time.py --models=gpt --executions=masked,block_sparse --blocks=32,64
+  python benchmarks/sift_step_time.py --models=gpt,mlp --executions=masked,block_sparse --blocks=64,128
 
 Every member at every level runs in this one process, timed like benchmarks/step_time.py (median
 of windows after compilation). Masks are simulated (dense matmuls on masked weights), so a wide
@@ -10,6 +10,12 @@ member costs about 1/(1-s) x dense here while its FLOP ratio is ~1: the baseline
 must beat. `--executions=block_sparse` adds rows with the sparse Dense kernels stored and run as
 balanced blocks of each `--blocks` size (sparsity.execution=block_sparse; ResNet has no
 block-sparse form, and a block that does not tile a member's kernels is reported as n/a).
+
+The GPT is the issue's benchmark shape (the `local` config widened to d_model 256, d_ff 1024:
+4 layers, context 128, batch 16); the MLP is `mlp_fashion_mnist.py:local` (784-1024-1024-10,
+batch 256). `memory/dense` is the compiled train step's footprint (XLA's memory analysis:
+arguments + outputs + temporaries - donated aliases, i.e. params, optimizer and sparsity state,
+the batch and the activations) over the dense model's: a property of the program, not a timing.
 """
 
 from __future__ import annotations
@@ -26,9 +32,15 @@ import step_time  # noqa: E402  (the shared timing loop and case table of the de
 from sift_jax import data, hostmem, train  # noqa: E402
 from sift_jax.sift import report  # noqa: E402
 
-CONFIGS = {'gpt': 'configs/gpt_small_dense.py', 'resnet': 'configs/resnet18_cifar100.py'}
+CONFIGS = {
+  'gpt': 'configs/gpt_small_dense.py',
+  'mlp': 'configs/mlp_fashion_mnist.py',
+  'resnet': 'configs/resnet18_cifar100.py',
+}
+# The issue's benchmark GPT: the local shape at twice the width (Sparse Wide 0.75 gives d_model 512).
+SHAPES = {'gpt': {'model.d_model': 256, 'model.d_ff': 1024}}
 
-_MODELS = flags.DEFINE_list('models', list(CONFIGS), f'Models, from {list(CONFIGS)}.')
+_MODELS = flags.DEFINE_list('models', ['gpt', 'mlp'], f'Models, from {list(CONFIGS)}.')
 _LEVELS = flags.DEFINE_list('levels', ['0.5', '0.75'], 'Sparsity levels.')
 _MEMBERS = flags.DEFINE_list('members', list(report.MEMBERS), 'Sparse-IFT members.')
 _EXECUTIONS = flags.DEFINE_list('executions', ['masked'], 'masked and/or block_sparse.')
@@ -39,9 +51,9 @@ def add_case(model: str, member: str, level: float, block: int = 0) -> str:
   """Registers a case in step_time's table and returns its name; block > 0 runs block-sparse."""
   name = f'{model}_{member}_{level:g}' + (f'_block{block}' if block else '')
   arg = 'local' if member == 'dense' else f'local,sift={member},sparsity={level}'
-  overrides = {}
+  overrides = dict(SHAPES.get(model, {}))
   if block:
-    overrides = {'sparsity.execution': 'block_sparse', 'sparsity.block_shape': (block, block)}
+    overrides |= {'sparsity.execution': 'block_sparse', 'sparsity.block_shape': (block, block)}
   step_time.CASES[name] = (CONFIGS[model], arg, overrides)
   return name
 
@@ -60,9 +72,10 @@ def flop_ratio(name: str) -> float:
   return r.forward / r.dense_forward
 
 
-def step_seconds(name: str, peak: float) -> float:
-  """Step time of a case compiled with the first of step_time's --variants (XLA's defaults)."""
-  return next(iter(step_time.measure(name, peak).values()))['step_time_s']
+def step_cost(name: str, peak: float) -> tuple[float, int]:
+  """Step time (s) and compiled footprint (bytes) of a case under step_time's first variant."""
+  r = next(iter(step_time.measure(name, peak).values()))
+  return r['step_time_s'], r['step_bytes']
 
 
 def main(argv):
@@ -73,14 +86,15 @@ def main(argv):
   print(f'device: {jax.devices()[0].device_kind} x {jax.device_count()}, heap kept: {heap}')
   print(
     f'{"model":<7} {"member":<11} {"s":>5} {"execution":<10} {"step ms":>9} {"time/dense":>11} '
-    f'{"FLOPs/dense":>12}'
+    f'{"FLOPs/dense":>12} {"memory/dense":>13} {"MiB":>8}'
   )
   for model in _MODELS.value:
     if model not in CONFIGS:
       raise ValueError(f'unknown model {model!r}; known: {", ".join(CONFIGS)}')
-    dense = step_seconds(add_case(model, 'dense', 0.0), peak)
+    dense, dense_bytes = step_cost(add_case(model, 'dense', 0.0), peak)
     print(
-      f'{model:<7} {"dense":<11} {0:5g} {"masked":<10} {1e3 * dense:9.1f} {1:11.2f} {1:12.3f}',
+      f'{model:<7} {"dense":<11} {0:5g} {"masked":<10} {1e3 * dense:9.1f} {1:11.2f} {1:12.3f} '
+      f'{1:13.2f} {dense_bytes / 2**20:8.1f}',
       flush=True,
     )
     for level in map(float, _LEVELS.value):
@@ -89,11 +103,15 @@ def main(argv):
           name = add_case(model, member, level, block)
           head = f'{model:<7} {member:<11} {level:5g} {label:<10}'
           try:
-            t = step_seconds(name, peak)
+            t, nbytes = step_cost(name, peak)
           except ValueError as e:  # a block that does not tile this member's kernels
             print(f'{head} n/a: {e}', flush=True)
             continue
-          print(f'{head} {1e3 * t:9.1f} {t / dense:11.2f} {flop_ratio(name):12.3f}', flush=True)
+          print(
+            f'{head} {1e3 * t:9.1f} {t / dense:11.2f} {flop_ratio(name):12.3f} '
+            f'{nbytes / dense_bytes:13.2f} {nbytes / 2**20:8.1f}',
+            flush=True,
+          )
 
 
 if __name__ == '__main__':

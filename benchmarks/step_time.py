@@ -57,6 +57,18 @@ def case_config(name: str):
   return c
 
 
+def footprint(compiled) -> int:
+  """Bytes a compiled step holds at its peak: arguments, outputs and temporaries, less the
+  outputs that reuse donated arguments' buffers."""
+  m = compiled.memory_analysis()
+  return (
+    m.argument_size_in_bytes
+    + m.output_size_in_bytes
+    + m.temp_size_in_bytes
+    - m.alias_size_in_bytes
+  )
+
+
 def measure(name: str, peak: float) -> dict[str, dict[str, float]]:
   """Per variant: examples/s, step time, model GFLOP/s and MFU of one case."""
   c = case_config(name)
@@ -65,6 +77,7 @@ def measure(name: str, peak: float) -> dict[str, dict[str, float]]:
     sharding.global_batch(exp.mesh, exp.dataset.train_batch(i)) for i in range(_STEPS.value)
   ]
   lowered = exp.train_step().lower(exp.new_state(), batches[0])
+  step_bytes = footprint(lowered.compile())
   steps, states, times = {}, {}, {}
   for v in _VARIANTS.value:
     steps[v] = lowered.compile(compiler_options=VARIANTS[v])
@@ -87,6 +100,7 @@ def measure(name: str, peak: float) -> dict[str, dict[str, float]]:
       'step_time_s': step_s,
       'model_gflops_per_s': flops_per_step / step_s / 1e9,
       'mfu': flops_per_step / step_s / peak,
+      'step_bytes': step_bytes,
     }
   return results
 
