@@ -117,11 +117,65 @@ def check_balanced(mask: Any, block: tuple[int, int]) -> int:
   return int(counts[0])
 
 
+def _input_blocks(xt: jax.Array, rows_c: jax.Array, bi: int) -> jax.Array:
+  """(K bi, N): the block-rows rows_c (K,) of the feature-major input xt (D_in, N), stacked."""
+  k = rows_c.shape[0]
+  return jnp.concatenate([jax.lax.dynamic_slice_in_dim(xt, rows_c[j] * bi, bi) for j in range(k)])
+
+
+@jax.custom_vjp
 def gather_matmul_xla(x: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
-  """x (N, D_in) -> (N, C * bo): the feature-major gather + batched GEMM, in plain jnp."""
+  """x (N, D_in) -> (N, C * bo): a loop over the block-columns, one gather + GEMM each."""
   n = x.shape[0]
-  _, _, bi, bo = values.shape
-  xt = x.T.reshape(-1, bi, n)  # (R, bi, N)
-  g = xt[rows]  # (C, K, bi, N)
-  y = jnp.einsum('ckin,ckio->con', g, values)  # (C, bo, N)
-  return y.reshape(-1, n).T  # (N, D_out)
+  c, k, bi, bo = values.shape
+  xt = x.T  # (D_in, N)
+
+  def column(_, inp):
+    rows_c, w = inp  # (K,), (K bi, bo)
+    return None, jax.lax.dot_general(w, _input_blocks(xt, rows_c, bi), (((0,), (0,)), ((), ())))
+
+  yt = jax.lax.scan(column, None, (rows, values.reshape(c, k * bi, bo)))[1]  # (C, bo, N)
+  return yt.reshape(c * bo, n).T  # (N, D_out)
+
+
+def gather_matmul_grads(
+  x: jax.Array, values: jax.Array, rows: jax.Array, dy: jax.Array, k_dx: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """(dx, d values) of `gather_matmul_xla` for the output gradient dy (N, C * bo).
+
+  dx flows through the first `k_dx` blocks of each block-column (all K by default; Top-KAST's
+  forward set), d values covers all K. One loop over the block-columns regathers the column's
+  input blocks (nothing of the gathered size is kept from the forward pass), forms
+  d values[c] = x_c^T dy_c and adds dy_c values[c]^T into dx's block-rows.
+  """
+  n = x.shape[0]
+  c, k, bi, bo = values.shape
+  k_dx = k if k_dx is None else k_dx
+  xt = x.T  # (D_in, N)
+
+  def column(dxt, inp):
+    i, rows_c, w = inp  # (), (K,), (K bi, bo)
+    g = _input_blocks(xt, rows_c, bi)  # (K bi, N)
+    dy_c = jax.lax.dynamic_slice_in_dim(dy, i * bo, bo, axis=1)  # (N, bo)
+    dw = g @ dy_c  # (K bi, bo)
+    dg = jax.lax.dot_general(w[: k_dx * bi], dy_c, (((1,), (1,)), ((), ())))  # (k_dx bi, N)
+    for j in range(k_dx):
+      start = rows_c[j] * bi
+      acc = jax.lax.dynamic_slice_in_dim(dxt, start, bi) + dg[j * bi : (j + 1) * bi]  # (bi, N)
+      dxt = jax.lax.dynamic_update_slice_in_dim(dxt, acc, start, axis=0)
+    return dxt, dw
+
+  scanned = (jnp.arange(c), rows, values.reshape(c, k * bi, bo))
+  dxt, dw = jax.lax.scan(column, jnp.zeros_like(xt), scanned)  # (D_in, N), (C, K bi, bo)
+  return dxt.T, dw.reshape(values.shape)
+
+
+def _gather_matmul_fwd(x, values, rows):
+  return gather_matmul_xla(x, values, rows), (x, values, rows)
+
+
+def _gather_matmul_bwd(residuals, dy):
+  return (*gather_matmul_grads(*residuals, dy), None)
+
+
+gather_matmul_xla.defvjp(_gather_matmul_fwd, _gather_matmul_bwd)
