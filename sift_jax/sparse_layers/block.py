@@ -123,59 +123,64 @@ def _input_blocks(xt: jax.Array, rows_c: jax.Array, bi: int) -> jax.Array:
   return jnp.concatenate([jax.lax.dynamic_slice_in_dim(xt, rows_c[j] * bi, bi) for j in range(k)])
 
 
+def _forward(xt: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
+  """xt (D_in, N) -> y (N, C * bo), one gather + GEMM per block-column."""
+  n = xt.shape[1]
+  c, k, bi, bo = values.shape
+
+  def column(y3, inp):
+    i, rows_c, w = inp  # (), (K,), (K bi, bo)
+    g = _input_blocks(xt, rows_c, bi)  # (K bi, N)
+    y_c = jax.lax.dot_general(g, w, (((0,), (0,)), ((), ())))  # (N, bo)
+    return jax.lax.dynamic_update_index_in_dim(y3, y_c, i, 1), None
+
+  scanned = (jnp.arange(c), rows, values.reshape(c, k * bi, bo))
+  y3 = jax.lax.scan(column, jnp.zeros((n, c, bo), xt.dtype), scanned)[0]  # (N, C, bo)
+  return y3.reshape(n, c * bo)
+
+
+def _grads(xt, values, rows, dy, k_dx):
+  n = xt.shape[1]
+  c, k, bi, bo = values.shape
+
+  def column(dx, inp):
+    i, rows_c, w = inp  # (), (K,), (K bi, bo)
+    g = _input_blocks(xt, rows_c, bi)  # (K bi, N)
+    dy_c = jax.lax.dynamic_slice_in_dim(dy, i * bo, bo, axis=1)  # (N, bo)
+    dw = g @ dy_c  # (K bi, bo)
+    dg = jax.lax.dot_general(dy_c, w[: k_dx * bi], (((1,), (1,)), ((), ())))  # (N, k_dx bi)
+    for j in range(k_dx):
+      start = rows_c[j] * bi
+      acc = jax.lax.dynamic_slice_in_dim(dx, start, bi, axis=1) + dg[:, j * bi : (j + 1) * bi]
+      dx = jax.lax.dynamic_update_slice_in_dim(dx, acc, start, axis=1)  # (N, D_in)
+    return dx, dw
+
+  scanned = (jnp.arange(c), rows, values.reshape(c, k * bi, bo))
+  dx, dw = jax.lax.scan(column, jnp.zeros((n, xt.shape[0]), xt.dtype), scanned)
+  return dx, dw.reshape(values.shape)
+
+
 @jax.custom_vjp
 def gather_matmul_xla(x: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
   """x (N, D_in) -> (N, C * bo): a loop over the block-columns, one gather + GEMM each."""
-  n = x.shape[0]
-  c, k, bi, bo = values.shape
-  xt = x.T  # (D_in, N)
-
-  def column(_, inp):
-    rows_c, w = inp  # (K,), (K bi, bo)
-    return None, jax.lax.dot_general(w, _input_blocks(xt, rows_c, bi), (((0,), (0,)), ((), ())))
-
-  yt = jax.lax.scan(column, None, (rows, values.reshape(c, k * bi, bo)))[1]  # (C, bo, N)
-  return yt.reshape(c * bo, n).T  # (N, D_out)
+  return _forward(x.T, values, rows)
 
 
 def gather_matmul_grads(
   x: jax.Array, values: jax.Array, rows: jax.Array, dy: jax.Array, k_dx: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
-  """(dx, d values) of `gather_matmul_xla` for the output gradient dy (N, C * bo).
-
-  dx flows through the first `k_dx` blocks of each block-column (all K by default; Top-KAST's
-  forward set), d values covers all K. One loop over the block-columns regathers the column's
-  input blocks (nothing of the gathered size is kept from the forward pass), forms
-  d values[c] = x_c^T dy_c and adds dy_c values[c]^T into dx's block-rows.
-  """
-  n = x.shape[0]
-  c, k, bi, bo = values.shape
-  k_dx = k if k_dx is None else k_dx
-  xt = x.T  # (D_in, N)
-
-  def column(dxt, inp):
-    i, rows_c, w = inp  # (), (K,), (K bi, bo)
-    g = _input_blocks(xt, rows_c, bi)  # (K bi, N)
-    dy_c = jax.lax.dynamic_slice_in_dim(dy, i * bo, bo, axis=1)  # (N, bo)
-    dw = g @ dy_c  # (K bi, bo)
-    dg = jax.lax.dot_general(w[: k_dx * bi], dy_c, (((1,), (1,)), ((), ())))  # (k_dx bi, N)
-    for j in range(k_dx):
-      start = rows_c[j] * bi
-      acc = jax.lax.dynamic_slice_in_dim(dxt, start, bi) + dg[j * bi : (j + 1) * bi]  # (bi, N)
-      dxt = jax.lax.dynamic_update_slice_in_dim(dxt, acc, start, axis=0)
-    return dxt, dw
-
-  scanned = (jnp.arange(c), rows, values.reshape(c, k * bi, bo))
-  dxt, dw = jax.lax.scan(column, jnp.zeros_like(xt), scanned)  # (D_in, N), (C, K bi, bo)
-  return dxt.T, dw.reshape(values.shape)
+  """(dx, d values) of `gather_matmul_xla` for the output gradient dy (N, C * bo)."""
+  return _grads(x.T, values, rows, dy, values.shape[1] if k_dx is None else k_dx)
 
 
 def _gather_matmul_fwd(x, values, rows):
-  return gather_matmul_xla(x, values, rows), (x, values, rows)
+  xt = x.T
+  return _forward(xt, values, rows), (xt, values, rows)
 
 
 def _gather_matmul_bwd(residuals, dy):
-  return (*gather_matmul_grads(*residuals, dy), None)
+  xt, values, rows = residuals
+  return (*_grads(xt, values, rows, dy, values.shape[1]), None)
 
 
 gather_matmul_xla.defvjp(_gather_matmul_fwd, _gather_matmul_bwd)
