@@ -6,8 +6,9 @@
 The dense layer is D_in x D_out; Sparse Wide at s widens both sides by sqrt(round(1/(1-s))) (GPT-3
 Small at s = 0.75: 768 x 3072 -> 1536 x 6144). Each case times the value and gradients (input and
 weights) of sum(y^2) in one jitted function: masked (dense matmul of the masked kernel) and
-block-sparse (gather + batched GEMM, K = round((1-s) R) blocks per block-column) for each block
-size, as the median of interleaved windows in this one process, then prints time / dense.
+block-sparse (`sparse_layers.block_matmul`'s XLA loop over the block-columns, K = round((1-s) R)
+blocks per block-column) for each block size, as the median of interleaved windows in this one
+process, then prints time / dense.
 """
 
 from __future__ import annotations

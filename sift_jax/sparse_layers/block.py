@@ -2,18 +2,22 @@
 
 A (D_in, D_out) kernel tiled by (bi, bo) blocks is a grid of R = D_in / bi block-rows and
 C = D_out / bo block-columns. A balanced mask keeps the same number K of active blocks in every
-block-column, so the active weights fit one dense array and the matmul is a gather plus one
-batched GEMM over the block-columns:
+block-column, so the active weights fit one dense array and the matmul is, per block-column, a
+gather of K input slices and one GEMM:
 
   values (C, K, bi, bo)   the active blocks (trained parameters; optimizer state only for these)
   rows   (C, K) int32     the block-row of each active block (sparsity state beside the params)
 
   y[:, c] = sum_k x[:, rows[c, k]] @ values[c, k]
 
-Activations are gathered feature-major ((R, bi, N): contiguous block-rows), which is what made
-the CPU layer fast in the issue's feasibility figures; blocks of 64-128 are the target range.
+On the CPU (XLA) the product is a loop over the C block-columns (`gather_matmul_xla`): column c
+copies its K block-rows of the transposed input x^T (contiguous (bi, N) rows) into one (K bi, N)
+operand and runs one GEMM into its bo output columns, which stay token-major (N, D_out), like the
+layer's input and output. The backward pass is a custom VJP with the same loop: it regathers the
+column's input (the gathered copy, (1-s) D_out / bo times the input, is never stored whole nor
+kept for the backward: the residual is x^T), forms d values[c] = x_c^T dy_c and adds
+dy_c values[c]^T into dx's block-rows in place. Blocks of 64-128 are the target range.
 A new pattern with the same K is just a new `rows` array: nothing is retraced or recompiled.
-Backward is plain autodiff (a scatter-add into dx, a batched GEMM into d values).
 
 This module holds the math and the conversions between masked (dense kernel + mask) and
 block-sparse state; the layer and the choice of implementation (XLA here, or the Pallas kernel
@@ -117,11 +121,87 @@ def check_balanced(mask: Any, block: tuple[int, int]) -> int:
   return int(counts[0])
 
 
-def gather_matmul_xla(x: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
-  """x (N, D_in) -> (N, C * bo): the feature-major gather + batched GEMM, in plain jnp."""
-  n = x.shape[0]
+def _input_blocks(xt: jax.Array, rows_c: jax.Array, bi: int) -> jax.Array:
+  """(K bi, N): the block-rows rows_c (K,) of the feature-major input xt (D_in, N), stacked."""
+  k = rows_c.shape[0]
+  return jnp.concatenate([jax.lax.dynamic_slice_in_dim(xt, rows_c[j] * bi, bi) for j in range(k)])
+
+
+def _columns(values: jax.Array, rows: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What the loops scan: (column index (C,), rows (C, K), values (C, K bi, bo))."""
+  c, k, bi, bo = values.shape
+  return jnp.arange(c), rows, values.reshape(c, k * bi, bo)
+
+
+def _forward(xt: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
+  """xt (D_in, N) -> y (N, C * bo)."""
+  n = xt.shape[1]
+  c, _, bi, bo = values.shape
+
+  def column(y3, inp):
+    i, rows_c, w = inp  # (), (K,), (K bi, bo)
+    g = _input_blocks(xt, rows_c, bi)  # (K bi, N)
+    y_c = jax.lax.dot_general(g, w, (((0,), (0,)), ((), ())))  # (N, bo)
+    return jax.lax.dynamic_update_index_in_dim(y3, y_c, i, 1), None
+
+  y3 = jax.lax.scan(column, jnp.zeros((n, c, bo), xt.dtype), _columns(values, rows))[0]
+  return y3.reshape(n, c * bo)  # (N, C, bo) -> (N, D_out)
+
+
+def _grads(
+  xt: jax.Array, values: jax.Array, rows: jax.Array, dy: jax.Array, k_dx: int
+) -> tuple[jax.Array, jax.Array]:
+  """(dx (N, D_in), d values (C, K, bi, bo)) from xt (D_in, N) and dy (N, C * bo)."""
+  n = xt.shape[1]
   _, _, bi, bo = values.shape
-  xt = x.T.reshape(-1, bi, n)  # (R, bi, N)
-  g = xt[rows]  # (C, K, bi, N)
-  y = jnp.einsum('ckin,ckio->con', g, values)  # (C, bo, N)
-  return y.reshape(-1, n).T  # (N, D_out)
+
+  def column(dx, inp):
+    i, rows_c, w = inp  # (), (K,), (K bi, bo)
+    g = _input_blocks(xt, rows_c, bi)  # (K bi, N): regathered, not kept from the forward pass
+    dy_c = jax.lax.dynamic_slice_in_dim(dy, i * bo, bo, axis=1)  # (N, bo)
+    dw = g @ dy_c  # (K bi, bo)
+    dg = jax.lax.dot_general(dy_c, w[: k_dx * bi], (((1,), (1,)), ((), ())))  # (N, k_dx bi)
+    for j in range(k_dx):
+      start = rows_c[j] * bi
+      acc = jax.lax.dynamic_slice_in_dim(dx, start, bi, axis=1) + dg[:, j * bi : (j + 1) * bi]
+      dx = jax.lax.dynamic_update_slice_in_dim(dx, acc, start, axis=1)  # (N, D_in)
+    return dx, dw
+
+  dx0 = jnp.zeros((n, xt.shape[0]), xt.dtype)
+  dx, dw = jax.lax.scan(column, dx0, _columns(values, rows))  # (N, D_in), (C, K bi, bo)
+  return dx, dw.reshape(values.shape)
+
+
+@jax.custom_vjp
+def gather_matmul_xla(x: jax.Array, values: jax.Array, rows: jax.Array) -> jax.Array:
+  """x (N, D_in) -> (N, C * bo): a loop over the block-columns, one gather + GEMM each.
+
+  Column c gathers its K block-rows of the transposed input (contiguous (bi, N) slices) into
+  (K bi, N) and multiplies it with values[c] into the output's columns c * bo: (N, bo). The
+  backward pass (`gather_matmul_grads`) loops over the columns again; the residual is x^T.
+  """
+  return _forward(x.T, values, rows)
+
+
+def gather_matmul_grads(
+  x: jax.Array, values: jax.Array, rows: jax.Array, dy: jax.Array, k_dx: int | None = None
+) -> tuple[jax.Array, jax.Array]:
+  """(dx, d values) of `gather_matmul_xla` at x for the output gradient dy (N, C * bo).
+
+  d values covers all K blocks of each block-column (x_c^T dy_c); dx flows through the first
+  `k_dx` of them (all by default; Top-KAST's forward set A), added into its block-rows.
+  """
+  return _grads(x.T, values, rows, dy, values.shape[1] if k_dx is None else k_dx)
+
+
+def _gather_matmul_fwd(x, values, rows):
+  xt = x.T  # (D_in, N)
+  return _forward(xt, values, rows), (xt, values, rows)
+
+
+def _gather_matmul_bwd(residuals, dy):
+  xt, values, rows = residuals
+  return (*_grads(xt, values, rows, dy, values.shape[1]), None)
+
+
+gather_matmul_xla.defvjp(_gather_matmul_fwd, _gather_matmul_bwd)

@@ -4,7 +4,8 @@ One program per (block-column c, token tile j) accumulates, over the K active bl
 values[c, k]^T @ xt[rows[c, k] * bi : (rows[c, k] + 1) * bi, tile j] into a (bo, tn) tile of
 the feature-major output: the gather is a dynamic slice of the input inside the kernel, so no
 gathered copy of the activations is written to memory. The backward pass is the XLA formulation
-(a custom VJP: scatter-add into dx, batched GEMM into d values).
+(`block.gather_matmul_grads`: a loop over the block-columns, GEMMs into d values and into dx's
+block-rows).
 
 Selected automatically on GPU and TPU (sift_jax.sparse_layers.block_dense.default_impl). Tested for
 correctness on the CPU in interpret mode only: it has not been compiled or timed on a GPU or TPU
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from sift_jax.sparse_layers.block import gather_matmul_xla
+from sift_jax.sparse_layers.block import gather_matmul_grads
 
 TOKEN_TILE = 128  # tokens per program; N is padded up to a multiple
 
@@ -73,9 +74,7 @@ def _fwd(x, values, rows, interpret):
 def _bwd(interpret, res, g):
   del interpret
   x, values, rows = res
-  _, vjp = jax.vjp(lambda x, v: gather_matmul_xla(x, v, rows), x, values)
-  dx, dv = vjp(g)
-  return dx, dv, None
+  return (*gather_matmul_grads(x, values, rows, g), None)
 
 
 _gather_matmul.defvjp(_fwd, _bwd)
