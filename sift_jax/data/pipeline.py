@@ -36,12 +36,11 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 from sift_jax.errors import UserError
 
-if TYPE_CHECKING:  # base.py imports this module
-  from sift_jax.data.base import Batch
+Batch = TypeVar('Batch')  # base.Batch; base.py imports this module, so not imported from there
 
 
 class WorkersError(UserError, ValueError):
