@@ -220,3 +220,19 @@ def test_spectral_scores_rank_correlate_with_the_final_metric(tmp_path):
 def test_no_spectral_metrics_no_spectral_outputs(study):
   root, out = study
   assert out['spectral'] is None and not (root / 'spectral.md').exists()
+
+
+def test_list_valued_settings_group_like_any_other(tmp_path):
+  # config.json stores tuples such as model.hidden as JSON lists.
+  for hidden in ([64, 64], [128, 128]):
+    for seed in range(2):
+      folder = tmp_path / f'{hidden[0]}_{seed}'
+      write_run(folder, 'dense', 'dense', 0.0, seed, 0.8 + hidden[0] / 1000)
+      config = json.loads((folder / 'config.json').read_text())
+      config['model']['hidden'] = hidden
+      (folder / 'config.json').write_text(json.dumps(config))
+  out = report.write_report(str(tmp_path))
+  assert out['setting_keys'] == ['model.hidden']
+  lines = out['table'].splitlines()
+  assert lines[2].startswith('| (64, 64) | 2 | 0.8640 |')  # numbers in order, not as text
+  assert lines[3].startswith('| (128, 128) | 2 | 0.9280 |')

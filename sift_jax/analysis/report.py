@@ -84,9 +84,14 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
   return [rows[s] for s in sorted(rows)]
 
 
+def frozen(value: Any) -> Any:
+  """JSON lists as tuples (recursively), so a setting such as model.hidden can be a dict key."""
+  return tuple(map(frozen, value)) if isinstance(value, list) else value
+
+
 def read_run(workdir: str) -> dict[str, Any]:
   with open(os.path.join(workdir, 'config.json')) as f:
-    config = flatten(json.load(f))
+    config = {k: frozen(v) for k, v in flatten(json.load(f)).items()}
   summary_path = os.path.join(workdir, 'summary.json')
   summary = None
   if os.path.exists(summary_path):
@@ -185,8 +190,15 @@ def write_csv(path: str, rows: Sequence[dict[str, Any]]) -> None:
 def setting_order(setting: tuple) -> tuple:
   """Sort key of a setting: dense first, then by each value, numbers as numbers."""
 
+  def number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
   def value(v: Any) -> tuple:
-    return (0, v, '') if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0, str(v))
+    if number(v):
+      return (0, v, ())
+    if isinstance(v, tuple) and all(map(number, v)):  # e.g. model.hidden, block shapes
+      return (1, 0, v)
+    return (2, 0, (str(v),))
 
   return ('dense' not in setting, *map(value, setting))
 
