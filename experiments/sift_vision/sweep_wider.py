@@ -1,7 +1,7 @@
 """sift_vision, Fashion-MNIST: what more dense FLOPs buy (the paper's "larger dense" yardstick).
 
 Dense MLPs widened to 2x and 4x the dense MLP's training FLOPs, 3 seeds, sweep.py's length, in
-sweep.py's runs folder so one report puts them beside the members. Not yet run (README.md).
+sweep.py's runs folder so one report puts them beside the members.
 """
 
 from sift_jax import sweep
