@@ -9,8 +9,6 @@ block above 16, so the blocks are 16 rows by b = 16, 64, 128 columns (256, 1,024
 weights: K = 12 of 49 and 32 of 128 row-blocks per block-column, a quarter).
 """
 
-from sift_jax import sweep
-
 STEPS = 1_500  # sift_vision's length (the dense MLP's eval loss moves 1.0% over the last fifth)
 
 
