@@ -387,6 +387,15 @@ def eval_curves(runs, keys, metric) -> dict[tuple, tuple[np.ndarray, np.ndarray,
   return out
 
 
+def plot_band(ax, x: np.ndarray, values: np.ndarray, name: str, color) -> None:
+  """The mean over runs of `values` (runs, steps) against x, with a ±1 std band over seeds."""
+  mean = values.mean(0)  # (steps,)
+  ax.plot(x, mean, marker='.', color=color, label=name)
+  if len(values) > 1:
+    std = values.std(0, ddof=1)  # (steps,)
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+
+
 def plot_curves(runs, keys, metric, ylabel, path, against: str, colors: Colors) -> None:
   what = 'step' if against == 'step' else 'cumulative training FLOPs'
   fig, ax = _figure(f'{metric} during training vs {what} (mean ± std over seeds)')
@@ -395,11 +404,7 @@ def plot_curves(runs, keys, metric, ylabel, path, against: str, colors: Colors) 
       continue
     name = label(dict(zip(keys, setting, strict=True)))
     x = steps if against == 'step' else flops
-    mean = values.mean(0)  # (steps,)
-    ax.plot(x, mean, marker='.', color=colors(name), label=name)
-    if len(values) > 1:
-      std = values.std(0, ddof=1)  # (steps,)
-      ax.fill_between(x, mean - std, mean + std, color=colors(name), alpha=0.2, lw=0)
+    plot_band(ax, x, values, name, colors(name))
   if against == 'step':
     ax.set_xlabel('training step')
   else:
@@ -462,11 +467,7 @@ def plot_spectral_curves(runs, keys, path, colors: Colors) -> None:
       if not len(steps):
         continue
       name = label(dict(zip(keys, setting, strict=True)))
-      mean = values.mean(0)  # (steps,)
-      ax.plot(steps, mean, marker='.', color=colors(name), label=name)
-      if len(values) > 1:
-        std = values.std(0, ddof=1)  # (steps,)
-        ax.fill_between(steps, mean - std, mean + std, color=colors(name), alpha=0.2, lw=0)
+      plot_band(ax, steps, values, name, colors(name))
     ax.set_title(k)
     ax.set_xlabel('training step')
     ax.set_ylabel(f'{k} (mean over sparse layers)')
