@@ -15,12 +15,19 @@ Each run gets one workdir under the study's `runs/` named from its overrides, an
 `python -m sift_jax.main` in its own process, so a crash does not stop the sweep and each run's
 memory is returned. A run whose summary.json was written for exactly its config is skipped; an
 interrupted one resumes from its checkpoints (the trainer's own resume).
+
+Several sweep processes may work through the same file at once (one per core, say, each pinned
+with taskset): a process takes a run by an exclusive lock on the run's `sweep.lock`, held by the
+sweep and its trainer until both have exited, so no run is trained twice; runs another process
+holds are passed over and waited for at the end. (`--shard` splits the list statically instead,
+for machines that do not share a file system.)
 """
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import fcntl
 import importlib.util
 import itertools
 import json
@@ -41,7 +48,7 @@ from ml_collections import config_flags
 from sift_jax import config_lib, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOCK = 'sweep.lock'  # host and pid of the trainer process working in a run's folder
+LOCK = 'sweep.lock'  # flock()ed while a sweep trains the run; holds that sweep's host and pid
 LOG = 'sweep.log'  # the trainer's stdout and stderr, appended per attempt
 
 
@@ -183,22 +190,56 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
 
 
-def lock_owner(workdir: str) -> int | None:
-  """The pid of a live trainer working in `workdir` on this host, or None."""
-  lock = read_json(os.path.join(workdir, LOCK))
-  if not lock or lock.get('host') != socket.gethostname():
+def try_lock(fd: int) -> bool:
+  """An exclusive flock() on `fd` if no other open file holds one; never blocks."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return False
+  return True
+
+
+def claim(workdir: str) -> int | None:
+  """Takes the run in `workdir` for this process: an open file descriptor holding an exclusive
+  flock() on its lock file, or None if another process holds it. The kernel drops the lock when
+  the last process holding the descriptor (this sweep, then its trainer) exits, so a killed
+  sweep leaves no stale lock. The file is never deleted: unlinking it would let a waiter lock the
+  old file while a newcomer locks a new one."""
+  os.makedirs(workdir, exist_ok=True)
+  fd = os.open(os.path.join(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+  if not try_lock(fd):
+    os.close(fd)
+    return None
+  os.ftruncate(fd, 0)
+  os.write(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}).encode())
+  return fd
+
+
+def lock_owner(workdir: str) -> str | None:
+  """Who holds the run in `workdir` ('host pid' of its sweep), or None if no process does."""
+  path = os.path.join(workdir, LOCK)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except FileNotFoundError:
     return None
   try:
-    os.kill(lock['pid'], 0)
-  except (ProcessLookupError, PermissionError):
-    return None
-  return lock['pid']
+    if try_lock(fd):
+      return None
+  finally:
+    os.close(fd)
+  owner = read_json(path) or {}
+  return f'{owner.get("host", "?")} pid {owner.get("pid", "?")}'
 
 
-def status(run: Run) -> tuple[str, str]:
-  """(state, detail): done, running, partial (checkpoints, resumes), new, or conflict."""
-  if lock_owner(run.workdir):
-    return 'running', f'pid {lock_owner(run.workdir)}'
+def wait_for(workdir: str, name: str) -> None:
+  """Blocks until no process holds the run in `workdir`."""
+  print(f'{name}: waiting for {lock_owner(workdir)} (a sweep still working on it)', flush=True)
+  with open(os.path.join(workdir, LOCK)) as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+
+
+def progress(run: Run) -> tuple[str, str]:
+  """(state, detail) from the folder's files alone: done, partial, new, or conflict."""
   saved = read_json(os.path.join(run.workdir, 'config.json'))
   if saved is None:
     return 'new', ''
@@ -223,6 +264,12 @@ def status(run: Run) -> tuple[str, str]:
   steps = checkpoint_steps(run.workdir)
   last = steps[-1] if steps else 0
   return 'partial', f'resumes at step {last} of {want["total_steps"]}'
+
+
+def status(run: Run) -> tuple[str, str]:
+  """(state, detail): done, running (held by a sweep), partial (resumes), new, or conflict."""
+  owner = lock_owner(run.workdir)
+  return ('running', owner) if owner else progress(run)
 
 
 def select_shard(runs: list[Run], shard: str | None) -> tuple[list[Run], str]:
@@ -250,39 +297,28 @@ def set_death_signal() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def wait_for(pid: int, name: str) -> None:
-  print(f'{name}: waiting for pid {pid} (a trainer still working in this folder)', flush=True)
-  while True:
-    try:
-      os.kill(pid, 0)
-    except ProcessLookupError:
-      return
-    time.sleep(0.5)
-
-
-def train(run: Run) -> int:
-  """Trains one run in a child process; returns its exit code (output appended to sweep.log)."""
-  os.makedirs(run.workdir, exist_ok=True)
+def train(run: Run, lock: int) -> int:
+  """Trains one run in a child process, which inherits the run's lock; returns its exit code
+  (output appended to sweep.log)."""
   env = dict(os.environ)
   # The child imports the same sift_jax as this process, whatever the install.
   env['PYTHONPATH'] = os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p)
-  lock = os.path.join(run.workdir, LOCK)
   with open(os.path.join(run.workdir, LOG), 'a') as log:
     log.write(f'$ {shlex.join(run.command())}\n')
     log.flush()
     proc = subprocess.Popen(
-      run.command(), stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=set_death_signal
+      run.command(),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      env=env,
+      pass_fds=(lock,),  # a trainer outliving a killed sweep still holds the run
+      preexec_fn=set_death_signal,
     )
-    with open(lock, 'w') as f:
-      json.dump({'host': socket.gethostname(), 'pid': proc.pid}, f)
     try:
       return proc.wait()
     except KeyboardInterrupt:
       proc.wait()  # it got the SIGINT too: it saves a checkpoint and exits
       raise
-    finally:
-      if os.path.exists(lock):
-        os.remove(lock)
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -291,45 +327,57 @@ def tail(path: str, lines: int = 15) -> str:
 
 
 def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
-  """Trains every run not done, one at a time; returns the names of the runs that failed."""
+  """Trains every run not done, one at a time; returns the names of the runs that failed.
+
+  Runs held by another sweep process are passed over, then waited for once nothing else is left
+  (if that process died before finishing one, this one resumes it)."""
   todo = [r for r in runs if status(r)[0] != 'done']
   done = len(runs) - len(todo)
   print(f'{len(runs)} runs{shard_note}: {done} done, {len(todo)} to run', flush=True)
   failed, durations = [], []
-  for i, run in enumerate(todo):
-    state, detail = status(run)
-    if state == 'running':
-      wait_for(lock_owner(run.workdir), run.name)
-      state, detail = status(run)
-    if state == 'done':
-      done += 1
-      continue
-    left = len(todo) - i - 1
-    eta = metrics._hms(sum(durations) / len(durations) * (left + 1)) if durations else '?'
-    print(
-      f'[done {done}/{len(runs)}, running 1, left {left}, failed {len(failed)}, ETA {eta}] '
-      f'{run.name}: {"resuming, " + detail if state == "partial" else "starting"}',
-      flush=True,
-    )
-    if state == 'conflict':
-      print(f'  {run.name}: not run: {detail}', flush=True)
-      failed.append(run.name)
-      continue
-    t = time.time()
-    code = train(run)
-    if code == 0 and status(run)[0] == 'done':
-      durations.append(time.time() - t)
-      done += 1
-      summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
-      result = ', '.join(
-        f'{k} {summary[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in summary
-      )
-      print(f'  {run.name}: done in {time.time() - t:.0f} s ({result})', flush=True)
-    else:
-      failed.append(run.name)
-      log = os.path.join(run.workdir, LOG)
-      print(f'  {run.name}: FAILED (exit {code}); last lines of {log}:', flush=True)
-      print('    ' + tail(log).replace('\n', '\n    '), flush=True)
+  while todo:
+    held = []
+    for run in todo:
+      lock = claim(run.workdir)
+      if lock is None:
+        held.append(run)
+        continue
+      try:
+        state, detail = progress(run)
+        if state == 'done':  # finished by another sweep since the list was made
+          done += 1
+          continue
+        left = len(runs) - done - len(failed) - 1
+        eta = metrics._hms(sum(durations) / len(durations) * (left + 1)) if durations else '?'
+        print(
+          f'[done {done}/{len(runs)}, running 1, left {left}, failed {len(failed)}, ETA {eta}] '
+          f'{run.name}: {"resuming, " + detail if state == "partial" else "starting"}',
+          flush=True,
+        )
+        if state == 'conflict':
+          print(f'  {run.name}: not run: {detail}', flush=True)
+          failed.append(run.name)
+          continue
+        t = time.time()
+        code = train(run, lock)
+      finally:
+        os.close(lock)
+      if code == 0 and progress(run)[0] == 'done':
+        durations.append(time.time() - t)
+        done += 1
+        summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
+        result = ', '.join(
+          f'{k} {summary[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in summary
+        )
+        print(f'  {run.name}: done in {time.time() - t:.0f} s ({result})', flush=True)
+      else:
+        failed.append(run.name)
+        log = os.path.join(run.workdir, LOG)
+        print(f'  {run.name}: FAILED (exit {code}); last lines of {log}:', flush=True)
+        print('    ' + tail(log).replace('\n', '\n    '), flush=True)
+    if held and len(held) == len(todo):  # everything left is another sweep's: wait for one
+      wait_for(held[0].workdir, held[0].name)
+    todo = held
   print(f'sweep finished: {done}/{len(runs)} done, {len(failed)} failed', flush=True)
   return failed
 

@@ -171,17 +171,27 @@ def test_a_missing_config_file_is_one_clear_error(tmp_path):
 
 
 def test_a_lock_counts_only_while_its_process_lives(tmp_path):
-  import socket
-
-  def lock(pid: int) -> None:
-    (tmp_path / sweep.LOCK).write_text(json.dumps({'host': socket.gethostname(), 'pid': pid}))
-
-  lock(os.getpid())
-  assert sweep.lock_owner(str(tmp_path)) == os.getpid()
-  gone = subprocess.Popen([sys.executable, '-c', 'pass'])
-  gone.wait()
-  lock(gone.pid)  # a sweep killed before it could remove its lock
+  holder = subprocess.Popen(
+    [
+      sys.executable,
+      '-c',
+      'import sys, time; from sift_jax import sweep; '
+      'assert sweep.claim(sys.argv[1]) is not None; print("held", flush=True); time.sleep(600)',
+      str(tmp_path),
+    ],
+    env=env(),
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  assert holder.stdout.readline() == 'held\n'
+  assert sweep.lock_owner(str(tmp_path)).endswith(f'pid {holder.pid}')
+  assert sweep.claim(str(tmp_path)) is None
+  holder.kill()  # a sweep killed without any chance to clean up
+  holder.wait()
   assert sweep.lock_owner(str(tmp_path)) is None
+  fd = sweep.claim(str(tmp_path))
+  assert fd is not None
+  os.close(fd)
 
 
 # --------------------------------------------------------------------------- with training
@@ -231,6 +241,33 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
   assert 'error: unknown' in out.stdout and "'nope'" in out.stdout  # the trainer's own message
   assert 'sweep finished: 1/2 done, 1 failed' in out.stdout
   assert os.path.exists(tmp_path / 'runs/seed-0/summary.json')
+
+
+def test_two_sweeps_on_one_file_share_the_runs(finished, tmp_path):
+  path = write_sweep(tmp_path)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-m', 'sift_jax.sweep', path],
+      cwd=REPO,
+      env=env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for _ in range(2)
+  ]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert all('sweep finished: 3/3 done, 0 failed' in log for log in logs), logs
+  runs = sweep.make_runs(path)
+  assert [attempts(r.workdir) for r in runs] == [1, 1, 1]  # each trained by one of the two
+  started = [sum(f'] {r.name}: starting' in log for log in logs) for r in runs]
+  assert started == [1, 1, 1], logs
+  assert all(': starting' in log for log in logs), 'one sweep did all the work'
+  for run, ref in zip(runs, sweep.make_runs(finished[0]), strict=True):
+    assert read_summary(run.workdir)['eval/loss'] == pytest.approx(
+      read_summary(ref.workdir)['eval/loss'], rel=1e-6
+    )
 
 
 def final_params(workdir: str):
