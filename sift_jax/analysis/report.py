@@ -172,10 +172,11 @@ def results_rows(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[di
       'step': last.get('step', 0),
       'total_steps': r['config'].get('total_steps'),
     }
-    for c in COLUMNS:
-      row[c] = summary.get(c, math.nan)
-    row['train/step_time_s'] = step_time(r['metrics'])
-    row['flops/train_per_example_run_mean'] = run_mean_train_flops(r['metrics'])
+    computed = {  # from the whole metrics log, not the last step's summary
+      'train/step_time_s': step_time(r['metrics']),
+      'flops/train_per_example_run_mean': run_mean_train_flops(r['metrics']),
+    }
+    row.update({c: computed[c] if c in computed else summary.get(c, math.nan) for c in COLUMNS})
     out.append(row)
   return out
 
@@ -427,7 +428,9 @@ def spectral_table(runs, keys, metric) -> str | None:
   scores = [k for k in SCORES if any(math.isfinite(final_values(r, f'spectral/{k}')) for r in done)]
   if not scores:
     return None
-  levels = sorted({r['config'].get('sparsity.level') for r in done}, key=str)
+  levels = sorted(
+    {r['config'].get('sparsity.level') for r in done}, key=lambda v: setting_order((v,))
+  )
   pools = [('all runs', done)]
   if 'sparsity.level' in keys:
     pools += [
