@@ -33,7 +33,8 @@ def write_run(folder, sift, rule, level, seed, accuracy, finished=True, gap=None
     'total_steps': STEPS,
     'batch_size': BATCH,
     'model': {'name': 'mlp'},
-    'data': {'name': 'digits', 'dir': f'/data{seed}'},  # ignored: where the data lives
+    'log_every_steps': 5 * (seed + 1),  # ignored, like the data's folder and worker count
+    'data': {'name': 'digits', 'dir': f'/data{seed}', 'workers': seed},
     'sift': {'name': sift},
     'sparsity': {'rule': rule, 'level': level},
   }

@@ -36,7 +36,17 @@ from sift_jax.analysis.spectral import SCORES
 from sift_jax.train import flatten
 
 # Keys that say nothing about the experiment (where it ran, how often it reported).
-IGNORED_PREFIXES = ('seed', 'distributed.', 'data.dir', 'progress', 'checkpoint')
+# Keys that say where and how a run was bookkept, not what it trained: runs differing only in
+# them are one setting (data.workers: who builds the batches, which are the same for any count).
+IGNORED_PREFIXES = (
+  'seed',
+  'distributed.',
+  'data.dir',
+  'data.workers',
+  'log_every_steps',
+  'progress',
+  'checkpoint',
+)
 # Setting keys first in this order, with their short names in labels.
 SHORT_NAMES = {'sift.name': 'sift', 'sparsity.rule': 'rule', 'sparsity.level': 's'}
 TOKEN_UNITS = {'python_stdlib': 'byte', 'tiny_shakespeare': 'char', 'ptb': 'word'}
