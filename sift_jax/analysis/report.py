@@ -131,7 +131,9 @@ def setting_keys(runs: Sequence[dict[str, Any]]) -> list[str]:
 def label(setting: dict[str, Any]) -> str:
   if not setting:
     return 'all runs'
-  return ', '.join(f'{SHORT_NAMES.get(k, k)}={v}' for k, v in setting.items())
+  return ', '.join(
+    f'{SHORT_NAMES.get(k, k.removeprefix("sparsity."))}={v}' for k, v in setting.items()
+  )
 
 
 def primary_metric(runs: Sequence[dict[str, Any]]) -> tuple[str, str, bool]:
@@ -277,7 +279,7 @@ def _figure(title: str):
   (a notebook keeps showing its own plots)."""
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(9, 4.8), dpi=120)
+  fig = Figure(figsize=(9, 5.4), dpi=120, layout='constrained')
   ax = fig.subplots()
   ax.set_title(title, fontsize=10)
   ax.grid(True, alpha=0.3)
@@ -285,9 +287,11 @@ def _figure(title: str):
 
 
 def _save(fig, ax, path: str) -> None:
-  if ax.get_legend_handles_labels()[0]:
-    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-  fig.tight_layout()
+  # Below the axes, so long setting labels never squeeze the plot.
+  handles, labels = ax.get_legend_handles_labels()
+  if handles:
+    ncol = 1 if max(map(len, labels)) > 60 else 2
+    fig.legend(handles, labels, fontsize=8, loc='outside lower center', ncol=ncol)
   fig.savefig(path)
 
 
@@ -299,7 +303,7 @@ def _flops_axis(ax, values: Sequence[float]) -> None:
   if v and max(v) / min(v) > 20:
     ax.set_xscale('log')
   else:
-    ax.xaxis.set_major_locator(MaxNLocator(7))
+    ax.xaxis.set_major_locator(MaxNLocator(5))
   ax.xaxis.set_major_formatter(EngFormatter(sep=''))
 
 
@@ -383,7 +387,7 @@ def eval_curves(runs, keys, metric) -> dict[tuple, tuple[np.ndarray, np.ndarray,
     if r['summary'] is not None:
       by_setting.setdefault(tuple(r['config'].get(k) for k in keys), []).append(r)
   out = {}
-  for setting, members in by_setting.items():
+  for setting, members in sorted(by_setting.items(), key=lambda kv: setting_order(kv[0])):
     curves = []
     for r in members:
       rows = r['metrics']
