@@ -61,6 +61,12 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
   )
 
 
+def start_sweep(path: str, **kwargs) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, '-m', 'sift_jax.sweep', path], cwd=REPO, env=env(), **kwargs
+  )
+
+
 def read_summary(workdir: str) -> dict:
   with open(os.path.join(workdir, 'summary.json')) as f:
     return json.load(f)
@@ -246,15 +252,7 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
 def test_two_sweeps_on_one_file_share_the_runs(finished, tmp_path):
   path = write_sweep(tmp_path)
   procs = [
-    subprocess.Popen(
-      [sys.executable, '-m', 'sift_jax.sweep', path],
-      cwd=REPO,
-      env=env(),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
-      text=True,
-    )
-    for _ in range(2)
+    start_sweep(path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
   ]
   logs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], logs
@@ -294,13 +292,8 @@ def test_a_sweep_killed_mid_run_resumes_and_matches_an_uninterrupted_one(
   reference = sweep.make_runs(finished[0])
   path = write_sweep(tmp_path)
   runs = sweep.make_runs(path)
-  proc = subprocess.Popen(
-    [sys.executable, '-m', 'sift_jax.sweep', path],
-    cwd=REPO,
-    env=env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-    start_new_session=True,
+  proc = start_sweep(
+    path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
   )
   second = runs[1].workdir
   deadline = time.time() + 300
