@@ -184,6 +184,19 @@ def test_text_runs_report_loss_in_nats_per_token_unit():
   assert report.primary_metric(runs) == ('eval/loss', 'eval loss (nats/byte)', False)
 
 
+def test_a_loss_table_gives_the_mean_perplexity_beside_the_loss():
+  rows = [
+    {'sift.name': 'dense', 'eval/loss': loss, 'eval/perplexity': np.exp(loss), 'finished': True}
+    for loss in (1.0, 2.0)
+  ]
+  for row in rows:
+    row.update({c: 1.0 for c in report.COLUMNS if c not in row})
+  table = report.markdown_table(rows, ['sift.name'], 'eval/loss')
+  head, _, line = table.splitlines()[:3]
+  assert head.startswith('| sift | n | eval/loss | eval/perplexity | params |')
+  assert line.startswith(f'| dense | 2 | 1.5000 ± 0.7071 | {(np.e + np.e**2) / 2:.3f} ± ')
+
+
 def test_cli_writes_into_out_and_rejects_an_empty_folder(study, tmp_path):
   root, _ = study
   env = {**os.environ, 'PYTHONPATH': REPO}
