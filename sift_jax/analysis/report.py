@@ -35,7 +35,6 @@ from absl import app, flags
 from sift_jax.analysis.spectral import SCORES
 from sift_jax.train import flatten
 
-# Keys that say nothing about the experiment (where it ran, how often it reported).
 # Keys that say where and how a run was bookkept, not what it trained: runs differing only in
 # them are one setting (data.workers: who builds the batches, which are the same for any count).
 IGNORED_PREFIXES = (
