@@ -10,6 +10,8 @@ member costs about 1/(1-s) x dense here while its FLOP ratio is ~1: the baseline
 must beat. `--executions=block_sparse` adds rows with the sparse Dense kernels stored and run as
 balanced blocks of each `--blocks` size (sparsity.execution=block_sparse; ResNet has no
 block-sparse form, and a block that does not tile a member's kernels is reported as n/a).
+`--remat` rematerialises the sparse members' blocks (model.remat=True) against the dense model
+without: for GPU/TPU, since XLA:CPU compiles it away (the footprint does not move; README.md).
 
 The GPT is the issue's benchmark shape (the `local` config widened to d_model 256, d_ff 1024:
 4 layers, context 128, batch 16); the MLP is `mlp_fashion_mnist.py:local` (784-1024-1024-10,
@@ -45,6 +47,9 @@ _LEVELS = flags.DEFINE_list('levels', ['0.5', '0.75'], 'Sparsity levels.')
 _MEMBERS = flags.DEFINE_list('members', list(report.MEMBERS), 'Sparse-IFT members.')
 _EXECUTIONS = flags.DEFINE_list('executions', ['masked'], 'masked and/or block_sparse.')
 _BLOCKS = flags.DEFINE_list('blocks', ['32', '64', '128'], 'Square block sizes (block_sparse).')
+_REMAT = flags.DEFINE_bool(
+  'remat', False, "Rematerialise the Sparse-IFT models' blocks (model.remat; dense runs without)."
+)
 
 
 def add_case(model: str, member: str, level: float, block: int = 0) -> str:
@@ -52,6 +57,8 @@ def add_case(model: str, member: str, level: float, block: int = 0) -> str:
   name = f'{model}_{member}_{level:g}' + (f'_block{block}' if block else '')
   arg = 'local' if member == 'dense' else f'local,sift={member},sparsity={level}'
   overrides = dict(SHAPES.get(model, {}))
+  if _REMAT.value and member != 'dense':
+    overrides['model.remat'] = True
   if block:
     overrides |= {'sparsity.execution': 'block_sparse', 'sparsity.block_shape': (block, block)}
   step_time.CASES[name] = (CONFIGS[model], arg, overrides)

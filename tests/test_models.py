@@ -123,10 +123,13 @@ def test_gpt_dropout_and_remat(gpt_case):
   def run(remat):
     model = models.build_model(small_gpt_config(d_ff=17, dropout=0.5, remat=remat), TEXT_META)
     loss = lambda p, train: model.apply({'params': p}, tokens, train, rngs=rngs).sum()
-    return jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, True), loss
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    temp_bytes = step.lower(params, True).compile().memory_analysis().temp_size_in_bytes
+    return step(params, True), loss, temp_bytes
 
-  (train, grads), loss = run(remat=False)
-  (train_r, grads_r), _ = run(remat=True)
+  (train, grads), loss, temp_bytes = run(remat=False)
+  with pytest.warns(UserWarning, match='saves no memory on the CPU backend'):
+    (train_r, grads_r), _, temp_bytes_r = run(remat=True)
   evals = jax.jit(loss, static_argnums=1)(params, False)
   assert abs(float(train - evals)) > 1e-3  # dropout is on in training only
   np.testing.assert_allclose(train_r, train, rtol=1e-5)
@@ -134,6 +137,15 @@ def test_gpt_dropout_and_remat(gpt_case):
     np.testing.assert_allclose(
       grads_r['Block_0'][name]['kernel'], grads['Block_0'][name]['kernel'], rtol=1e-4, atol=1e-5
     )
+  # The warning's claim: XLA:CPU compiles the rematerialised step to as many temporaries (here 2%
+  # more; real remat would keep one block's activations of two). When a jax release makes remat
+  # effective on the CPU, this fails: drop the warning then.
+  assert temp_bytes_r >= 0.95 * temp_bytes
+
+
+def test_remat_on_a_model_without_it_is_an_error():
+  with pytest.raises(ValueError, match="model.remat=True, but model 'resnet' has no remat.*gpt"):
+    models.build_model(make_config('resnet', remat=True), IMAGE_META)
 
 
 def test_gpt_init_statistics():

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,6 +42,7 @@ COMMON_DEFAULTS: dict[str, Any] = {'remat': False, 'dtype': 'float32'}
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 TEXT_MODELS = ('gpt',)
+REMAT_MODELS = ('gpt',)  # the models whose blocks honour model.remat
 ModelBuilder = Callable[[ml_collections.ConfigDict, Mapping[str, Any]], nn.Module]
 
 GPT_PRESETS: dict[str, dict[str, int]] = {
@@ -119,6 +121,11 @@ def resolved(config: ml_collections.ConfigDict) -> dict[str, Any]:
       f'unknown model key(s) {unknown} for model {name!r}; allowed: {", ".join(sorted(allowed))}'
     )
   m = {**defaults, **given}
+  if m['remat'] and name not in REMAT_MODELS:
+    raise ValueError(
+      f'model.remat=True, but model {name!r} has no rematerialisation; '
+      f'models with it: {", ".join(REMAT_MODELS)}'
+    )
   if m['dtype'] not in DTYPES:
     raise ValueError(f'model.dtype {m["dtype"]!r}; allowed: {", ".join(DTYPES)}')
   return m
@@ -158,6 +165,14 @@ def _build_gpt(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> nn
   if m['d_ff'] != 0:
     _positive('model.d_ff (0 = 4 * d_model)', m['d_ff'])
   context = _positive('model.context_length', m['context_length'])
+  if m['remat'] and jax.default_backend() == 'cpu':
+    warnings.warn(
+      'model.remat=True saves no memory on the CPU backend: XLA:CPU drops the rematerialisation '
+      'barriers and merges the recomputed forward with the original, so the compiled step keeps '
+      'as many temporaries as without remat (within 1% on the benchmark GPT; tests/test_models.py '
+      'checks it). It is meant for GPU/TPU (not measured here).',
+      stacklevel=2,
+    )
   if meta['seq_len'] > context:
     raise ValueError(f'data seq_len {meta["seq_len"]} exceeds model.context_length {context}')
   if not 0.0 <= m['dropout'] < 1.0:
