@@ -9,7 +9,8 @@ have 128 rows (or 512 for the MLP's second layer): b = 64 or 128 leaves 2 or 1 b
 quarter rounds up to the one-block floor (density 0.5 or 1, not 0.25), so the issue's b = 64 and
 128 need a wider GPT than this CPU can train in a few hours; blocks 16 rows tall and 64 or 128
 wide keep 8 block-rows (2 of them active). The dense and b = 1 runs are the same settings as
-sift_language's.
+sift_language's; b = 1 with balanced masks (`sparsity.balanced=True`) is the control between
+unstructured and blocked.
 """
 
 import os
@@ -33,5 +34,8 @@ def get_sweep():
     'runs_dir': 'runs/tiny_shakespeare',
     'overrides': [
       {**setting, 'seed': seed} for seed in SEEDS for setting in [{'sift': 'dense'}, wide, *blocked]
-    ],
+    ]
+    # Balanced unstructured masks (the same count in every output column, masked execution):
+    # separates what balancing costs from what blocking costs.
+    + [{**wide, 'sparsity.balanced': True, 'seed': seed} for seed in SEEDS],
   }
