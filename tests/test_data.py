@@ -588,6 +588,20 @@ def test_real_ptb_and_uncompressed_copy(tmp_path):
 
 
 @pytest.mark.real_data
+def test_real_ptb_chars_decodes_to_the_files_text():
+  d = build_dataset(make_config('ptb_chars'))
+  assert d.meta['vocab_size'] == 50
+  assert (d.num_train_examples, d.num_eval_examples) == (5101618, 399782)
+  text = {
+    s: gzip.decompress((Path(DATA_DIR) / f'text/ptb/ptb.{s}.txt.gz').read_bytes())
+    for s in ('train', 'valid')
+  }
+  vocab = np.array(sorted(set(text['train'])), np.uint8)
+  assert bytes(vocab[d.train_tokens]) == text['train']
+  assert bytes(vocab[d.eval_tokens]) == text['valid']
+
+
+@pytest.mark.real_data
 def test_real_fashion_mnist_and_recompressed_gz(tmp_path):
   d = build_dataset(make_config('fashion_mnist'))
   assert d.meta == {'num_classes': 10, 'image_shape': (28, 28, 1)}
@@ -629,6 +643,7 @@ META_DATASETS = [
   pytest.param('cifar10_jpg', id='cifar10_jpg', marks=pytest.mark.real_data),
   pytest.param('tiny_shakespeare', id='tiny_shakespeare', marks=pytest.mark.real_data),
   pytest.param('ptb', id='ptb', marks=pytest.mark.real_data),
+  pytest.param('ptb_chars', id='ptb_chars', marks=pytest.mark.real_data),
 ]
 
 

@@ -6,7 +6,7 @@ in a few CPU hours here: the `local` preset of configs/gpt_small_dense.py narrow
 at s = 0.5 and 0.75, static and RigL; Sparse Parallel, Factorized and Doped at s = 0.5 with RigL;
 dense models widened to 1.97x (d 92) and 3.91x (d 132) the training FLOPs
 (`python -m sift_jax.model_report`). Same steps and tokens for every run; seed 0 of every setting
-runs before seeds 1 and 2. PTB (word-level) is sweep_ptb.py.
+runs before seeds 1 and 2. PTB (character level) is sweep_ptb.py.
 """
 
 from sift_jax import sweep

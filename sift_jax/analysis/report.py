@@ -48,7 +48,12 @@ IGNORED_PREFIXES = (
 )
 # Setting keys first in this order, with their short names in labels.
 SHORT_NAMES = {'sift.name': 'sift', 'sparsity.rule': 'rule', 'sparsity.level': 's'}
-TOKEN_UNITS = {'python_stdlib': 'byte', 'tiny_shakespeare': 'char', 'ptb': 'word'}
+TOKEN_UNITS = {
+  'python_stdlib': 'byte',
+  'tiny_shakespeare': 'char',
+  'ptb': 'word',
+  'ptb_chars': 'char',
+}
 COLUMNS = (
   'eval/loss',
   'eval/accuracy',

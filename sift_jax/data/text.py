@@ -16,6 +16,9 @@ Corpora:
   90% of the characters train, the last 10% eval.
 - ptb: words; vocab = sorted distinct words of ptb.train plus '<eos>' (10000); '<eos>' ends every
   line; ptb.valid is the eval split; words outside the vocab map to '<unk>'.
+- ptb_chars: the characters of the same files as they stand (words, spaces, '<unk>', 'N' for
+  numbers, a newline per sentence); vocab = sorted distinct characters of ptb.train (50);
+  ptb.valid is the eval split. The byte-level counterpart of tiny_shakespeare on a 5x larger corpus.
 - text_files: bytes of the files matched by data.train_files / data.eval_files (comma-separated
   glob patterns, `**` allowed), sorted per pattern, concatenated. Vocab 256.
 - wikitext103: wiki.{train,valid}.raw (or .tokens) from <root>/wikitext-103-raw/,
@@ -168,12 +171,23 @@ def load_python_stdlib(config: ml_collections.ConfigDict) -> tuple[np.ndarray, n
   return train, eval_bytes, BYTE_VOCAB
 
 
+def _code_points(text: bytes) -> np.ndarray:
+  return np.frombuffer(text.decode('utf-8').encode('utf-32-le'), np.uint32)
+
+
+def _char_ids(chars: np.ndarray, vocab: np.ndarray) -> np.ndarray:
+  """Each code point's index in the sorted `vocab`, in the smallest integer type that holds it."""
+  ids = np.searchsorted(vocab, chars)
+  return ids.astype(np.uint8 if len(vocab) <= 256 else np.int32)
+
+
 @functools.lru_cache(maxsize=2)
 def _shakespeare(root: Path) -> tuple[np.ndarray, np.ndarray, int]:
-  text = files.read_pinned('tiny_shakespeare', files.PINS['tiny_shakespeare'][0], root)
-  chars = np.frombuffer(text.decode('utf-8').encode('utf-32-le'), np.uint32)
-  vocab, ids = np.unique(chars, return_inverse=True)
-  ids = ids.astype(np.uint8 if len(vocab) <= 256 else np.int32)
+  chars = _code_points(
+    files.read_pinned('tiny_shakespeare', files.PINS['tiny_shakespeare'][0], root)
+  )
+  vocab = np.unique(chars)
+  ids = _char_ids(chars, vocab)
   cut = int(0.9 * len(ids))
   return ids[:cut], ids[cut:], len(vocab)
 
@@ -202,6 +216,18 @@ def _ptb(root: Path) -> tuple[np.ndarray, np.ndarray, int]:
 @_register('ptb')
 def load_ptb(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
   return _ptb(files.data_root(config))
+
+
+@functools.lru_cache(maxsize=2)
+def _ptb_chars(root: Path) -> tuple[np.ndarray, np.ndarray, int]:
+  train, valid = (_code_points(files.read_pinned('ptb', pin, root)) for pin in files.PINS['ptb'])
+  vocab = np.unique(train)  # the pinned ptb.valid uses no character that ptb.train lacks
+  return _char_ids(train, vocab), _char_ids(valid, vocab), len(vocab)
+
+
+@_register('ptb_chars')
+def load_ptb_chars(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray, int]:
+  return _ptb_chars(files.data_root(config))
 
 
 def _glob_bytes(key: str, patterns: str) -> np.ndarray:
