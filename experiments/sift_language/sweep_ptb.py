@@ -18,6 +18,11 @@ def get_sweep():
   spec = sweep.load_sweep(os.path.join(HERE, 'sweep.py'))
   return {
     **spec,
-    'fixed': {**spec['fixed'], 'data.name': 'ptb_chars'},
+    'fixed': {
+      **spec['fixed'],
+      'data.name': 'ptb_chars',
+      'total_steps': STEPS,
+      'eval_every_steps': STEPS // 10,
+    },
     'runs_dir': 'runs/ptb_chars',
   }
