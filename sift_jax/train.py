@@ -258,11 +258,15 @@ def flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 CONVERTED_KEYS = ('sparsity.execution',)
 
 
-def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuses to resume a workdir whose saved config differs in more than run-length keys."""
+def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """Refuses to resume a workdir whose saved config differs in more than run-length keys.
+
+  Returns the saved run's total_steps when this config changes it (None otherwise): the
+  learning-rate and mask-update schedules are functions of it, so the resume line says so.
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    return
+    return None
   with open(path) as f:
     saved = json.load(f)
   new = flatten(json.loads(c.to_json()))
@@ -276,6 +280,7 @@ def check_workdir_config(c: ml_collections.ConfigDict, workdir: str) -> None:
       f'keys ({", ".join(RUN_LENGTH_KEYS)}) and {", ".join(CONVERTED_KEYS)} (the state is '
       'converted) may change on resume. Use a new --workdir.'
     )
+  return old.get('total_steps') if old.get('total_steps') != new.get('total_steps') else None
 
 
 def restore(exp: Experiment, ckpt: checkpointing.Checkpointer) -> tuple[Any, int] | None:
@@ -447,7 +452,7 @@ def run(
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise errors.WorkdirError(f'--workdir={workdir} is a file, not a folder: pass a folder path')
   os.makedirs(workdir, exist_ok=True)
-  check_workdir_config(config, workdir)
+  saved_total_steps = check_workdir_config(config, workdir)
   exp = build_experiment(config)
   if mode == 'train':
     metrics_lib.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
@@ -471,6 +476,11 @@ def run(
       return finished_summary(exp, workdir, state, t_start)
     if start_step:
       announce(f'resumed from step {start_step} of {config.total_steps} ({ckpt.directory})')
+      if saved_total_steps is not None:
+        announce(
+          f'total_steps changed from {saved_total_steps} to {config.total_steps}: the learning-rate '
+          'and sparsity schedules follow the new length from here'
+        )
     writer = metrics_lib.MetricWriter(workdir, start_step)
     try:
       state, final = train_loop(exp, state, start_step, ckpt, writer, guard)

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -471,8 +472,6 @@ def test_resume_keeps_one_row_per_step_and_says_where_it_resumed(tmp_path, capsy
   train.train_and_evaluate(c, str(tmp_path))
   first = read_jsonl(tmp_path / 'metrics.jsonl')
   # As after a kill between checkpoints 3 and 6: steps 4..6 are replayed.
-  import shutil
-
   shutil.rmtree(tmp_path / 'checkpoints' / '6')
   os.remove(tmp_path / 'summary.json')
   capsys.readouterr()
@@ -481,6 +480,21 @@ def test_resume_keeps_one_row_per_step_and_says_where_it_resumed(tmp_path, capsy
   rows = read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [2, 3, 4, 6]
   assert [r['train/loss'] for r in rows] == [r['train/loss'] for r in first]
+
+
+def test_extending_a_run_says_that_its_schedules_change(tmp_path, capsys):
+  c = tiny_config()
+  train.train_and_evaluate(c, str(tmp_path))
+  assert 'total_steps changed' not in capsys.readouterr().out
+  c.total_steps = 9
+  train.train_and_evaluate(c, str(tmp_path))
+  out = capsys.readouterr().out
+  assert 'resumed from step 6 of 9' in out
+  assert 'total_steps changed from 6 to 9: the learning-rate and sparsity schedules' in out
+  os.remove(tmp_path / 'summary.json')
+  shutil.rmtree(tmp_path / 'checkpoints' / '9')
+  train.train_and_evaluate(c, str(tmp_path))
+  assert 'total_steps changed' not in capsys.readouterr().out  # config.json already says 9
 
 
 def test_progress_prints_eval_results_and_eval_mode_prints_its_result(tmp_path, capsys):
