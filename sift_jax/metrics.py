@@ -159,7 +159,7 @@ class Progress:
     elapsed = time.perf_counter() - self._t0
     done = max(step - self._s0, 1)
     eta = elapsed / done * (self.total_steps - step)
-    return f'step {step}/{self.total_steps}  {self._postfix(scalars)}  ETA {_hms(eta)}'
+    return f'step {step}/{self.total_steps}  {self._postfix(scalars)}  ETA {hms(eta)}'
 
   def update(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -191,7 +191,8 @@ class Progress:
     return text
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+  """H:MM:SS, or '?' for an unknown (infinite or NaN) duration."""
   if not math.isfinite(seconds):
     return '?'
   s = int(seconds)

@@ -50,6 +50,7 @@ from sift_jax import config_lib, metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = 'sweep.lock'  # flock()ed while a sweep trains the run; holds that sweep's host and pid
 LOG = 'sweep.log'  # the trainer's stdout and stderr, appended per attempt
+STATES = ('done', 'partial', 'new', 'running', 'conflict')  # what status() can say of a run
 
 
 def product(**axes: Sequence[Any]) -> list[dict[str, Any]]:
@@ -332,8 +333,9 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
   Runs held by another sweep process are passed over, then waited for once nothing else is left
   (if that process died before finishing one, this one resumes it)."""
   todo = [r for r in runs if status(r)[0] != 'done']
-  done = len(runs) - len(todo)
-  print(f'{len(runs)} runs{shard_note}: {done} done, {len(todo)} to run', flush=True)
+  print(
+    f'{len(runs)} runs{shard_note}: {len(runs) - len(todo)} done, {len(todo)} to run', flush=True
+  )
   failed, durations = [], []
   while todo:
     held = []
@@ -345,12 +347,9 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
       try:
         state, detail = progress(run)
         if state == 'done':  # finished by another sweep since the list was made
-          done += 1
           continue
-        left = len(runs) - done - len(failed) - 1
-        eta = metrics._hms(sum(durations) / len(durations) * (left + 1)) if durations else '?'
         print(
-          f'[done {done}/{len(runs)}, running 1, left {left}, failed {len(failed)}, ETA {eta}] '
+          f'{progress_line(runs, failed, durations)} '
           f'{run.name}: {"resuming, " + detail if state == "partial" else "starting"}',
           flush=True,
         )
@@ -364,7 +363,6 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
         os.close(lock)
       if code == 0 and progress(run)[0] == 'done':
         durations.append(time.time() - t)
-        done += 1
         summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
         result = ', '.join(
           f'{k} {summary[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in summary
@@ -378,19 +376,36 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
     if held and len(held) == len(todo):  # everything left is another sweep's: wait for one
       wait_for(held[0].workdir, held[0].name)
     todo = held
+  done = tally(runs)['done']
   print(f'sweep finished: {done}/{len(runs)} done, {len(failed)} failed', flush=True)
   return failed
+
+
+def tally(runs: list[Run], states: list[tuple[str, str]] | None = None) -> dict[str, int]:
+  """How many runs are in each state, read from their folders: other sweeps' work counts too."""
+  names = [s for s, _ in states or [status(r) for r in runs]]
+  return {s: names.count(s) for s in STATES}
+
+
+def progress_line(runs: list[Run], failed: list[str], durations: list[float]) -> str:
+  """'[done d/n, running r, left l, failed f, ETA t]' over every sweep process working on these
+  runs (this one's run included in `running`). The ETA assumes the runs left cost what this
+  process's finished runs did on average, and that the `running` processes share them out."""
+  n = tally(runs)
+  running = max(n['running'], 1)
+  left = max(len(runs) - n['done'] - running - len(failed), 0)
+  eta = (
+    metrics.hms(sum(durations) / len(durations) * (left + running) / running) if durations else '?'
+  )
+  return f'[done {n["done"]}/{len(runs)}, running {running}, left {left}, failed {len(failed)}, ETA {eta}]'
 
 
 def print_status(runs: list[Run], shard_note: str = '') -> None:
   """--dry_run: each run's state and what would run."""
   states = [status(r) for r in runs]
-  counts = {s: sum(t == s for t, _ in states) for s in ('done', 'partial', 'new', 'running')}
+  counts = tally(runs, states)
   print(
-    f'{len(runs)} runs{shard_note}: '
-    + ', '.join(f'{v} {k}' for k, v in counts.items())
-    + f', {sum(t == "conflict" for t, _ in states)} conflict',
-    flush=True,
+    f'{len(runs)} runs{shard_note}: ' + ', '.join(f'{counts[k]} {k}' for k in STATES), flush=True
   )
   for run, (state, detail) in zip(runs, states, strict=True):
     print(f'{state:9s} {run.name}{": " + detail if detail else ""}')

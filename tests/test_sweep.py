@@ -200,6 +200,22 @@ def test_a_lock_counts_only_while_its_process_lives(tmp_path):
   os.close(fd)
 
 
+def test_the_progress_line_counts_the_runs_other_sweeps_hold(tmp_path):
+  runs = sweep.make_runs(write_sweep(tmp_path))
+  assert sweep.progress_line(runs, [], []) == '[done 0/3, running 1, left 2, failed 0, ETA ?]'
+  locks = [sweep.claim(r.workdir) for r in runs[:2]]  # this sweep's run and another sweep's
+  try:
+    # 60 s per run: the run left and the two running ones, shared by two processes, take 90 s.
+    line = sweep.progress_line(runs, [], [60.0])
+    assert line == '[done 0/3, running 2, left 1, failed 0, ETA 0:01:30]'
+    assert sweep.progress_line(runs, [runs[2].name], [60.0]).startswith(
+      '[done 0/3, running 2, left 0, failed 1,'
+    )
+  finally:
+    for fd in locks:
+      os.close(fd)
+
+
 # --------------------------------------------------------------------------- with training
 
 
