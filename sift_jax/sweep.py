@@ -421,11 +421,15 @@ def main(argv: list[str]) -> None:
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
-  if _PRINT.value:
-    for run in runs:
-      print(run.shell_command())
-  elif _DRY_RUN.value:
-    print_status(runs, note)
+  if _PRINT.value or _DRY_RUN.value:
+    try:
+      if _PRINT.value:
+        for run in runs:
+          print(run.shell_command())
+      else:
+        print_status(runs, note)
+    except BrokenPipeError:  # piped into `head`: the reader has what it wanted
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
   else:
     try:
       failed = run_sweep(runs, note)

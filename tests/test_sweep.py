@@ -168,6 +168,27 @@ def test_print_commands_prints_one_trainer_line_per_run_of_the_shard(tmp_path):
   assert lines[1].endswith(f'--workdir={tmp_path}/study/runs/seed-1')
 
 
+@pytest.mark.parametrize('listing', ['--print_commands', '--dry_run'])
+def test_a_listing_piped_into_head_ends_quietly(tmp_path, listing):
+  path = write_sweep(tmp_path)
+  with open(path) as f:
+    text = f.read().replace("{'seed': 1}]", "{'seed': 1}] + [{'seed': s} for s in range(2, 600)]")
+  with open(path, 'w') as f:
+    f.write(text)  # 600 runs: more output than a pipe buffers, so the write after `head` fails
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'sift_jax.sweep', path, listing],
+    cwd=REPO,
+    env=env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  assert proc.stdout.readline()
+  proc.stdout.close()
+  assert proc.wait(timeout=600) == 0
+  assert proc.stderr.read() == ''
+
+
 def test_a_missing_config_file_is_one_clear_error(tmp_path):
   path = tmp_path / 'sweep.py'
   path.write_text("def get_sweep():\n  return {'config': 'configs/nope.py:local'}\n")
