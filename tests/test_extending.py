@@ -29,7 +29,7 @@ class Shuffle(sparsity.Rule):
       select.random_mask(jax.random.fold_in(key, layer.index), layer.shape, layer.active)
       for layer in self.layers
     ]
-    return {'masks': self._tree(masks)}
+    return {'masks': self.as_tree(masks)}
 
 
 class PairDense(nn.Module):

@@ -73,8 +73,8 @@ def convert_state(state: Any, source: Any, target: Any) -> Any:
     if target.topkast:
       checks.append(('masks', target.forward))
     for key, counts in checks:
-      masks = target.rule._per_layer(state.sparsity[key])
-      for layer, m, k in zip(target.layers, masks, target.rule._per_layer(counts), strict=True):
+      masks = target.rule.per_layer(state.sparsity[key])
+      for layer, m, k in zip(target.layers, masks, target.rule.per_layer(counts), strict=True):
         try:
           found = check_balanced(m, target.block)
         except ValueError as e:
@@ -160,11 +160,11 @@ class BlockRule:
     self.block = blocks.pop() if blocks else (1, 1)
     self.topkast = isinstance(rule, TopKAST)
     forward = [layer.active_blocks // layer.columns for layer in rule.layers]
-    self.forward = rule._tree(forward) if self.topkast else None
+    self.forward = rule.as_tree(forward) if self.topkast else None
     stored = forward
     if self.topkast:
       stored = [k // c.columns for c, k in zip(rule.layers, rule.backward_blocks, strict=True)]
-    self.counts = rule._tree(stored)
+    self.counts = rule.as_tree(stored)
     self.stored_key = 'backward' if self.topkast else 'masks'
     self.shapes = jax.tree.unflatten(
       rule.treedef, [jax.ShapeDtypeStruct(s, jnp.float32) for s in rule.shapes]
@@ -180,7 +180,7 @@ class BlockRule:
     sstate_b = {k: v for k, v in sstate.items() if k not in ('masks', 'backward')}
     sstate_b['rows'] = rows
     if self.topkast:
-      sstate_b['theta'] = self.rule._tree(self.rule._per_layer(params))
+      sstate_b['theta'] = self.rule.as_tree(self.rule.per_layer(params))
       sstate_b['forward_blocks'] = jax.tree.map(jnp.int32, self.forward)
     return sstate_b, params_b, *others
 
@@ -233,8 +233,8 @@ class BlockRule:
     out = []
     for layer, k_a, k_b in zip(
       self.layers,
-      self.rule._per_layer(self.forward),
-      self.rule._per_layer(self.counts),
+      self.rule.per_layer(self.forward),
+      self.rule.per_layer(self.counts),
       strict=True,
     ):
       w = jnp.where(jnp.arange(k_b) < k_a, 1.0, 1.0 / (1.0 - layer.sparsity))  # (K_B,)
@@ -249,13 +249,13 @@ class BlockRule:
     reg = [
       g + (2.0 * self.rule.penalty) * w * p
       for g, w, p in zip(
-        self.rule._per_layer(g_fwd),
+        self.rule.per_layer(g_fwd),
         self._penalty_weights(),
-        self.rule._per_layer(params),
+        self.rule.per_layer(params),
         strict=True,
       )
     ]
-    return self.rule._tree(reg, base=g_fwd)
+    return self.rule.as_tree(reg, base=g_fwd)
 
   def mask_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
     del sstate
@@ -267,7 +267,7 @@ class BlockRule:
       return jnp.zeros((), jnp.float32)
     terms = [
       jnp.sum(w * jnp.square(p))
-      for w, p in zip(self._penalty_weights(), self.rule._per_layer(params), strict=True)
+      for w, p in zip(self._penalty_weights(), self.rule.per_layer(params), strict=True)
     ]
     return self.rule.penalty * sum(terms, jnp.zeros((), jnp.float32))
 

@@ -129,15 +129,16 @@ class Rule:
     """The update window in words, naming the keys that set it."""
     return self.schedule.window(self.every_key, self.end_key)
 
-  # ----- tree plumbing: sparse leaves as lists aligned with self.layers
+  # ----- tree plumbing for subclasses: sparse leaves as lists aligned with self.layers
   def _leaves(self, tree: Any) -> list[Any]:
     return jax.tree.leaves(tree, is_leaf=_is_none)
 
-  def _per_layer(self, tree: Any) -> list[Any]:
+  def per_layer(self, tree: Any) -> list[Any]:
+    """The sparse layers' leaves of a params-shaped tree, in the order of self.layers."""
     leaves = self._leaves(tree)
     return [leaves[layer.index] for layer in self.layers]
 
-  def _tree(self, per_layer: list[Any], base: Any = None) -> Any:
+  def as_tree(self, per_layer: list[Any], base: Any = None) -> Any:
     """Puts per-layer values into a params-shaped tree (None elsewhere, or `base`'s leaves)."""
     leaves = [None] * self.treedef.num_leaves if base is None else self._leaves(base)
     for layer, v in zip(self.layers, per_layer, strict=True):
@@ -146,8 +147,8 @@ class Rule:
 
   def _map(self, fn, tree: Any, masks: Any) -> Any:
     """Applies fn(leaf, mask) to the sparse leaves of a params-shaped tree."""
-    new = [fn(x, m) for x, m in zip(self._per_layer(tree), self._per_layer(masks), strict=True)]
-    return self._tree(new, base=tree)
+    new = [fn(x, m) for x, m in zip(self.per_layer(tree), self.per_layer(masks), strict=True)]
+    return self.as_tree(new, base=tree)
 
   # ----- the interface the trainer uses
   def initial_masks(self, params: Any, key: jax.Array) -> dict[str, Any]:
@@ -155,7 +156,7 @@ class Rule:
       _random(jax.random.fold_in(key, layer.index), layer, layer.active_blocks)
       for layer in self.layers
     ]
-    return {'masks': self._tree(masks)}
+    return {'masks': self.as_tree(masks)}
 
   def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
     """Initial masks with exact counts; returns (sstate, params masked and optionally rescaled)."""
@@ -244,8 +245,8 @@ class Rule:
   def _apply(self, sstate, params, g_fwd, opt_state, step, key, aux):
     """Runs the subclass's new_masks (new sstate entries, at least 'masks') and commits them."""
     new = self.new_masks(sstate, params, g_fwd, step, key, aux)
-    old_masks = self._per_layer(sstate['masks'])
-    masks = self._per_layer(new['masks'])
+    old_masks = self.per_layer(sstate['masks'])
+    masks = self.per_layer(new['masks'])
     left = sum(_count(o & ~m) for o, m in zip(old_masks, masks, strict=True))
     before = sum(_count(o) for o in old_masks)
     # Positions entering the trained set start with zero optimizer state (RigL's regrown
@@ -253,16 +254,16 @@ class Rule:
     entered = [
       n & ~o
       for o, n in zip(
-        self._per_layer(self.trained_set(sstate)),
-        self._per_layer(self.trained_set(new)),
+        self.per_layer(self.trained_set(sstate)),
+        self.per_layer(self.trained_set(new)),
         strict=True,
       )
     ]
     sstate = {
       **sstate,
       **new,
-      'ever': self._tree(
-        [e | m for e, m in zip(self._per_layer(sstate['ever']), masks, strict=True)]
+      'ever': self.as_tree(
+        [e | m for e, m in zip(self.per_layer(sstate['ever']), masks, strict=True)]
       ),
       'churn': left / jnp.maximum(before, 1).astype(jnp.float32),
       'updates': sstate['updates'] + 1,
@@ -327,8 +328,8 @@ class Rule:
     """Global and per-layer density of the forward masks, churn and in-time over-parameterisation."""
     if not self.layers:
       return {'sparsity/density': jnp.ones((), jnp.float32)}
-    masks = self._per_layer(sstate['masks'])
-    ever = self._per_layer(sstate['ever'])
+    masks = self.per_layer(sstate['masks'])
+    ever = self.per_layer(sstate['ever'])
     total = float(sum(layer.size for layer in self.layers))
     out = {
       'sparsity/density': sum(_count(m) for m in masks) / total,
@@ -368,9 +369,9 @@ class _DropGrow(Rule):
     out = []
     for layer, m, p, g in zip(
       self.layers,
-      self._per_layer(sstate['masks']),
-      self._per_layer(params),
-      self._per_layer(g_fwd),
+      self.per_layer(sstate['masks']),
+      self.per_layer(params),
+      self.per_layer(g_fwd),
       strict=True,
     ):
       n_drop = _column_multiple(jnp.round(frac * layer.active_blocks).astype(jnp.int32), layer)
@@ -380,7 +381,7 @@ class _DropGrow(Rule):
       candidates = ~keep if self.regrow_dropped else ~m
       grow = self.grow_scores(layer, g, jax.random.fold_in(key, layer.index), candidates, n_drop)
       out.append(keep | grow)
-    return {'masks': self._tree(out)}
+    return {'masks': self.as_tree(out)}
 
 
 @RULES.register('set')
@@ -449,12 +450,12 @@ class TopKAST(Rule):
     ]
 
   def _sets(self, params):
-    ps = self._per_layer(params)
+    ps = self.per_layer(params)
     a = [_topk(p, layer.active_blocks, layer) for layer, p in zip(self.layers, ps, strict=True)]
     b = [
       _topk(p, k, layer) for layer, p, k in zip(self.layers, ps, self.backward_blocks, strict=True)
     ]
-    return {'masks': self._tree(a), 'backward': self._tree(b)}
+    return {'masks': self.as_tree(a), 'backward': self.as_tree(b)}
 
   def initial_masks(self, params, key):
     return self._sets(params)
@@ -471,8 +472,8 @@ class TopKAST(Rule):
       jnp.where(a, 1.0, jnp.where(b, 1.0 / (1.0 - layer.sparsity), 0.0))
       for layer, a, b in zip(
         self.layers,
-        self._per_layer(sstate['masks']),
-        self._per_layer(sstate['backward']),
+        self.per_layer(sstate['masks']),
+        self.per_layer(sstate['backward']),
         strict=True,
       )
     ]
@@ -480,7 +481,7 @@ class TopKAST(Rule):
   def loss_penalty(self, sstate, params):
     terms = [
       jnp.sum(w * jnp.square(p))
-      for w, p in zip(self._penalty_weights(sstate), self._per_layer(params), strict=True)
+      for w, p in zip(self._penalty_weights(sstate), self.per_layer(params), strict=True)
     ]
     return self.penalty * sum(terms, jnp.zeros((), jnp.float32))
 
@@ -489,10 +490,10 @@ class TopKAST(Rule):
     reg = [
       g + (2.0 * self.penalty) * w * p
       for g, w, p in zip(
-        self._per_layer(g_fwd), self._penalty_weights(sstate), self._per_layer(params), strict=True
+        self.per_layer(g_fwd), self._penalty_weights(sstate), self.per_layer(params), strict=True
       )
     ]
-    return self.mask_updates(sstate, self._tree(reg, base=g_fwd))
+    return self.mask_updates(sstate, self.as_tree(reg, base=g_fwd))
 
   def new_masks(self, sstate, params, g_fwd, step, key, aux):
     return self._sets(params)
@@ -515,7 +516,7 @@ class TopKAST(Rule):
   def metrics(self, sstate):
     out = super().metrics(sstate)
     if self.layers:
-      back = self._per_layer(sstate['backward'])
+      back = self.per_layer(sstate['backward'])
       total = float(sum(layer.size for layer in self.layers))
       out['sparsity/backward_density'] = sum(_count(b) for b in back) / total
     return out
@@ -582,8 +583,8 @@ class GSE(Rule):
     for layer, c, m, p in zip(
       self.layers,
       self.samples,
-      self._per_layer(sstate['masks']),
-      self._per_layer(params),
+      self.per_layer(sstate['masks']),
+      self.per_layer(params),
       strict=True,
     ):
       if layer.balanced:
@@ -598,7 +599,7 @@ class GSE(Rule):
       grown = jnp.zeros(layer.size, bool).at[idx].max(top).reshape(layer.shape)
       keep = _topk(p, layer.active - _count(grown), layer, valid=m)
       out.append(keep | grown)
-    return {'masks': self._tree(out)}
+    return {'masks': self.as_tree(out)}
 
   def _balanced_masks(self, layer, samples, m, p, aux, frac, key):
     """Per block-column: `samples` inactive blocks drawn uniformly, the top round(frac K) of
@@ -651,7 +652,7 @@ class GMP(Rule):
     )  # (updates + 1, L)
 
   def initial_masks(self, params, key):
-    return {'masks': self._tree([jnp.ones(layer.shape, bool) for layer in self.layers])}
+    return {'masks': self.as_tree([jnp.ones(layer.shape, bool) for layer in self.layers])}
 
   def target_active_blocks(self, step: jax.Array) -> list[jax.Array]:
     """Each layer's active block count once the updates up to `step` (inclusive) have run."""
@@ -667,9 +668,9 @@ class GMP(Rule):
       for layer, k, m, p in zip(
         self.layers,
         self.target_active_blocks(step),
-        self._per_layer(sstate['masks']),
-        self._per_layer(params),
+        self.per_layer(sstate['masks']),
+        self.per_layer(params),
         strict=True,
       )
     ]
-    return {'masks': self._tree(masks)}
+    return {'masks': self.as_tree(masks)}
