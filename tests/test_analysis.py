@@ -159,6 +159,22 @@ def test_cumulative_flops_charge_each_window_at_its_logged_rate():
   np.testing.assert_allclose(report.cumulative_train_flops(rows, 4), [40, 80, 160])
 
 
+@pytest.mark.parametrize(
+  ('evals', 'total', 'change'),
+  [
+    ({40: 2.0, 80: 1.5, 100: 1.47}, 100, -0.02),  # from the eval at 80% of the run
+    ({60: 1.6, 90: 1.5, 100: 1.4}, 100, 1.4 / 1.6 - 1),  # no eval at 80%: the one before it
+    ({40: 2.0, 80: 1.5}, 100, float('nan')),  # unfinished: no eval at the last step
+    ({90: 1.5, 100: 1.4}, 100, float('nan')),  # nothing in the first four fifths
+  ],
+)
+def test_the_last_fifth_change_is_the_plateau_check(evals, total, change):
+  rows = [{'step': 10, 'train/loss': 3.0}] + [
+    {'step': step, 'eval/loss': loss} for step, loss in evals.items()
+  ]
+  np.testing.assert_allclose(report.last_fifth_change(rows, total), change)
+
+
 def test_curves_keep_the_later_row_of_a_resumed_step(study):
   root, _ = study
   runs = [report.read_run(w) for w in report.find_runs(str(root))]

@@ -66,6 +66,7 @@ COLUMNS = (
   'train/step_time_s',
   'sparsity/density',
   'wall_time_s',
+  'eval/loss_change_last_fifth',
 )
 SKIP_DIRS = ('checkpoints', 'checkpoints_incomplete', 'checkpoints_corrupt', 'tensorboard')
 
@@ -158,6 +159,17 @@ def step_time(rows: Sequence[dict[str, Any]]) -> float:
   return float(np.median(times)) if times else math.nan
 
 
+def last_fifth_change(rows: Sequence[dict[str, Any]], total_steps: int | None) -> float:
+  """The studies' plateau check: the relative change of the eval loss over the last fifth of
+  training, from the last eval at or before 80% of total_steps to the eval at total_steps (nan
+  for an unfinished run or one without an eval in its first four fifths)."""
+  evals = [(r['step'], r['eval/loss']) for r in rows if 'eval/loss' in r]
+  if not total_steps or not evals or evals[-1][0] != total_steps:
+    return math.nan
+  before = [loss for step, loss in evals if 0 < step <= 0.8 * total_steps]
+  return float(evals[-1][1] / before[-1] - 1) if before else math.nan
+
+
 def cumulative_train_flops(rows: Sequence[dict[str, Any]], batch_size: int) -> np.ndarray:
   """Training FLOPs spent up to each logged step: each window at the rate logged at its end."""
   steps = np.array([r['step'] for r in rows], float)
@@ -191,6 +203,7 @@ def results_rows(runs: Sequence[dict[str, Any]], keys: Sequence[str]) -> list[di
     computed = {  # from the whole metrics log, not the last step's summary
       'train/step_time_s': step_time(r['metrics']),
       'flops/train_per_example_run_mean': run_mean_train_flops(r['metrics']),
+      'eval/loss_change_last_fifth': last_fifth_change(r['metrics'], row['total_steps']),
     }
     row.update({c: computed[c] if c in computed else summary.get(c, math.nan) for c in COLUMNS})
     out.append(row)
