@@ -336,7 +336,7 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
   print(
     f'{len(runs)} runs{shard_note}: {len(runs) - len(todo)} done, {len(todo)} to run', flush=True
   )
-  failed, durations = [], []
+  failed = []
   while todo:
     held = []
     for run in todo:
@@ -349,7 +349,7 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
         if state == 'done':  # finished by another sweep since the list was made
           continue
         print(
-          f'{progress_line(runs, failed, durations)} '
+          f'{progress_line(runs, failed)} '
           f'{run.name}: {"resuming, " + detail if state == "partial" else "starting"}',
           flush=True,
         )
@@ -362,7 +362,6 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
       finally:
         os.close(lock)
       if code == 0 and progress(run)[0] == 'done':
-        durations.append(time.time() - t)
         summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
         result = ', '.join(
           f'{k} {summary[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in summary
@@ -387,16 +386,29 @@ def tally(runs: list[Run], states: list[tuple[str, str]] | None = None) -> dict[
   return {s: names.count(s) for s in STATES}
 
 
-def progress_line(runs: list[Run], failed: list[str], durations: list[float]) -> str:
+def full_run_seconds(run: Run) -> float | None:
+  """A finished run's wall time from its summary.json, scaled up to the whole run when its last
+  sitting resumed part way (the summary times only that sitting); None if it has none."""
+  summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
+  total = (read_json(os.path.join(run.workdir, 'config.json')) or {}).get('total_steps')
+  seconds, start = summary.get('wall_time_s'), summary.get('resumed_from_step', 0)
+  if not seconds or not total or start >= total:
+    return None
+  return seconds * total / (total - start)
+
+
+def progress_line(runs: list[Run], failed: list[str]) -> str:
   """'[done d/n, running r, left l, failed f, ETA t]' over every sweep process working on these
-  runs (this one's run included in `running`). The ETA assumes the runs left cost what this
-  process's finished runs did on average, and that the `running` processes share them out."""
-  n = tally(runs)
+  runs (this one's run included in `running`). The ETA assumes the runs left cost what the
+  finished ones did on average (from their summaries, so it holds from the first run of a
+  restarted sweep), and that the `running` processes share them out."""
+  states = [status(r) for r in runs]
+  n = tally(runs, states)
   running = max(n['running'], 1)
   left = max(len(runs) - n['done'] - running - len(failed), 0)
-  eta = (
-    metrics.hms(sum(durations) / len(durations) * (left + running) / running) if durations else '?'
-  )
+  times = [full_run_seconds(r) for r, (s, _) in zip(runs, states, strict=True) if s == 'done']
+  times = [t for t in times if t is not None]
+  eta = metrics.hms(sum(times) / len(times) * (left + running) / running) if times else '?'
   return f'[done {n["done"]}/{len(runs)}, running {running}, left {left}, failed {len(failed)}, ETA {eta}]'
 
 

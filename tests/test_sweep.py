@@ -223,15 +223,32 @@ def test_a_lock_counts_only_while_its_process_lives(tmp_path):
 
 def test_the_progress_line_counts_the_runs_other_sweeps_hold(tmp_path):
   runs = sweep.make_runs(write_sweep(tmp_path))
-  assert sweep.progress_line(runs, [], []) == '[done 0/3, running 1, left 2, failed 0, ETA ?]'
+  assert sweep.progress_line(runs, []) == '[done 0/3, running 1, left 2, failed 0, ETA ?]'
   locks = [sweep.claim(r.workdir) for r in runs[:2]]  # this sweep's run and another sweep's
   try:
-    # 60 s per run: the run left and the two running ones, shared by two processes, take 90 s.
-    line = sweep.progress_line(runs, [], [60.0])
-    assert line == '[done 0/3, running 2, left 1, failed 0, ETA 0:01:30]'
-    assert sweep.progress_line(runs, [runs[2].name], [60.0]).startswith(
+    assert sweep.progress_line(runs, []) == '[done 0/3, running 2, left 1, failed 0, ETA ?]'
+    assert sweep.progress_line(runs, [runs[2].name]).startswith(
       '[done 0/3, running 2, left 0, failed 1,'
     )
+  finally:
+    for fd in locks:
+      os.close(fd)
+
+
+def test_the_eta_comes_from_finished_runs_summaries(tmp_path):
+  runs = sweep.make_runs(write_sweep(tmp_path))
+  # Finished in an earlier sitting that resumed it at step 30 of 60: 30 s for half the run.
+  os.makedirs(runs[1].workdir)
+  with open(os.path.join(runs[1].workdir, 'config.json'), 'w') as f:
+    f.write(sweep.resolve_config(runs[1]).to_json())
+  with open(os.path.join(runs[1].workdir, 'summary.json'), 'w') as f:
+    json.dump({'wall_time_s': 30.0, 'resumed_from_step': STEPS // 2}, f)
+  assert sweep.progress(runs[1])[0] == 'done'
+  assert sweep.full_run_seconds(runs[1]) == 60.0
+  locks = [sweep.claim(runs[i].workdir) for i in (0, 2)]
+  try:
+    # Two runs of 60 s left, shared by the two running processes: 60 s.
+    assert sweep.progress_line(runs, []) == '[done 1/3, running 2, left 0, failed 0, ETA 0:01:00]'
   finally:
     for fd in locks:
       os.close(fd)
