@@ -125,8 +125,8 @@ def test_table_values_are_mean_and_std_over_seeds(study):
   assert table == out['table']
   lines = table.splitlines()
   assert lines[0] == (
-    '| sift | rule | s | n | eval/accuracy | params | active params | forward FLOPs/ex | '
-    'train FLOPs/ex | step time (ms) |'
+    '| sift | rule | s | n | eval/accuracy | eval/loss | params | active params | '
+    'forward FLOPs/ex | train FLOPs/ex | step time (ms) |'
   )
   rows = {tuple(c.strip() for c in line.strip('|').split('|')[:3]): line for line in lines[2:6]}
   # Dense first, then by value (numbers as numbers).
@@ -143,10 +143,11 @@ def test_table_values_are_mean_and_std_over_seeds(study):
   assert wide[3] == '3'  # the unfinished run is left out
   assert wide[4] == f'{np.mean(accuracies):.4f} ± {np.std(accuracies, ddof=1):.4f}'
   assert wide[4] == '0.8600 ± 0.0100'
-  assert wide[5] == '2k'  # the same in every seed: no ± 0
-  assert wide[6] == f'{np.mean(active):.3g} ± {np.std(active, ddof=1):.3g}'
-  assert wide[8] == '1.25k'  # the run's mean: 1000 * 0.25 * 4, twice that over steps 1-10 of 40
-  assert wide[9] == f'{np.mean(step_ms):.1f} ± {np.std(step_ms, ddof=1):.1f}'
+  assert wide[5] == '0.1400 ± 0.0100'  # the summaries' eval loss, 1 - accuracy
+  assert wide[6] == '2k'  # the same in every seed: no ± 0
+  assert wide[7] == f'{np.mean(active):.3g} ± {np.std(active, ddof=1):.3g}'
+  assert wide[9] == '1.25k'  # the run's mean: 1000 * 0.25 * 4, twice that over steps 1-10 of 40
+  assert wide[10] == f'{np.mean(step_ms):.1f} ± {np.std(step_ms, ddof=1):.1f}'
   assert '1 unfinished run(s) left out.' in table
 
 

@@ -267,16 +267,19 @@ def pm(mean: float, std: float, fmt) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str) -> str:
   """Per setting: n, metric, params, active params, FLOPs per example, step time (mean ± std)."""
-  # A language model's loss comes with its perplexity (the mean of the runs' perplexities).
+  # A language model's loss comes with its perplexity (the mean of the runs' perplexities), any
+  # other metric (accuracy) with the eval loss, which tells apart runs that tie on accuracy.
   perplexity = metric == 'eval/loss' and any(math.isfinite(r['eval/perplexity']) for r in rows)
+  loss = metric != 'eval/loss' and any(math.isfinite(r['eval/loss']) for r in rows)
   head = [*(SHORT_NAMES.get(k, k) for k in keys), 'n', metric]
-  head += ['eval/perplexity'] * perplexity
+  head += ['eval/perplexity'] * perplexity + ['eval/loss'] * loss
   head += ['params', 'active params', 'forward FLOPs/ex', 'train FLOPs/ex', 'step time (ms)']
   # train FLOPs/ex is the run's mean (run_mean_train_flops), not the last step's rate.
   lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   columns = (
     (metric, lambda x: f'{x:.4f}'),
     *[('eval/perplexity', lambda x: f'{x:.3f}')] * perplexity,
+    *[('eval/loss', lambda x: f'{x:.4f}')] * loss,
     ('params/total', si),
     ('params/active', si),
     ('flops/forward_per_example', si),
