@@ -189,6 +189,27 @@ def test_export_without_a_checkpoint_is_one_line(tmp_path):
   assert f'no checkpoint under {tmp_path / "checkpoints"}' in out.stderr
 
 
+def test_checkpoint_tools_take_a_relative_workdir(tmp_path):
+  """orbax restores only absolute paths; export and spectral resolve a relative --workdir."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  rng = np.random.default_rng(0)
+  kernel = rng.normal(size=(64, 64)).astype(np.float32)
+  mask = rng.random((64, 64)) < 0.25  # average degree 16: spectral scores it
+  state = {
+    'params': {'Dense_0': {'kernel': kernel}},
+    'sparsity': {'masks': {'Dense_0': {'kernel': mask}}},
+  }
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / 'run' / 'checkpoints' / '5' / 'state', state)
+  checkpointer.wait_until_finished()
+  out = python('-m', 'sift_jax.sparsity.export', '--workdir=run', '--out=csr', cwd=tmp_path)
+  assert f'nnz {int(mask.sum())}' in out.stdout and (tmp_path / 'csr').is_dir()
+  out = python('-m', 'sift_jax.analysis.spectral', '--workdir=run', cwd=tmp_path)
+  assert out.stdout.startswith('step 5:') and 'ramanujan_gap' in out.stdout
+
+
 @pytest.mark.real_data
 @pytest.mark.parametrize(
   'sweep_file',

@@ -65,7 +65,8 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict[s
   """Exports the sparse layers of a run's checkpoint (the latest unless `step` is given)."""
   import orbax.checkpoint as ocp
 
-  root = os.path.join(workdir, 'checkpoints')
+  # orbax restores only from absolute paths; a relative --workdir is the usual command line.
+  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
   steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
   if not steps:
     raise FileNotFoundError(f'no checkpoint under {root}')
