@@ -413,9 +413,23 @@ def test_damaged_npz_cache_is_rebuilt_with_a_warning(tmp_path, damage, caplog):
   first = files.load_cache(path, load, build)
   path.write_bytes(damage(bytearray(path.read_bytes())))
   again = files.load_cache(path, load, build)
-  assert len(builds) == 2 and 'is unreadable' in caplog.text and str(path) in caplog.text
+  assert len(builds) == 2 and 'is damaged: sha256' in caplog.text and str(path) in caplog.text
   np.testing.assert_array_equal(again['x'], first['x'])
   assert len(files.load_cache(path, load, build)['x']) == 5000 and len(builds) == 2
+
+
+def test_a_cache_without_its_checksum_is_rebuilt(tmp_path, caplog):
+  path = tmp_path / 'cache.npy'
+  np.save(path, np.arange(10))  # as written before caches carried their sha256
+  builds = []
+
+  def build(out: Path) -> None:
+    builds.append(out)
+    np.save(out, np.arange(10))
+
+  files.load_cache(path, np.load, build)
+  assert len(builds) == 1 and 'has no readable checksum file cache.npy.sha256' in caplog.text
+  assert files.checksum_path(path).read_text().split()[0] == files.sha256_file(path)
 
 
 def test_data_root_order(tmp_path, monkeypatch):
@@ -464,6 +478,28 @@ def test_wikitext_tokenises_once_and_caches(tmp_path, monkeypatch):
   np.testing.assert_array_equal(rebuilt, np.frombuffer(train_text.encode(), np.uint8))
   with pytest.raises(FileNotFoundError, match='wiki.train.raw'):
     build_dataset(make_config('wikitext103', dir=str(tmp_path / 'elsewhere')))
+
+
+def test_a_bit_flipped_in_the_wikitext_token_data_is_caught_and_rebuilt(
+  tmp_path, monkeypatch, caplog
+):
+  folder = tmp_path / 'data' / 'wikitext-103-raw'
+  folder.mkdir(parents=True)
+  train_text = ' = Heading = \n some text of the article\n' * 40
+  (folder / 'wiki.train.raw').write_text(train_text)
+  (folder / 'wiki.valid.raw').write_text(' = Valid = \n' * 20)
+  monkeypatch.setenv(files.CACHE_ENV, str(tmp_path / 'cache'))
+  monkeypatch.setattr(text, '_gpt2_encoder', CharEncoder)
+  c = make_config('wikitext103', dir=str(tmp_path / 'data'))
+  expected = np.frombuffer(train_text.encode(), np.uint8)
+  np.testing.assert_array_equal(build_dataset(c).train_tokens, expected)
+  (npy,) = (tmp_path / 'cache' / 'wikitext103').glob('wiki.train.raw.*.npy')
+  data = bytearray(npy.read_bytes())
+  data[-7] ^= 0x04  # a token in the array's data: numpy reads it without complaint
+  npy.write_bytes(data)
+  assert not np.array_equal(np.load(npy), expected)
+  np.testing.assert_array_equal(build_dataset(c).train_tokens, expected)
+  assert f'cache {npy} is damaged: sha256' in caplog.text and 'rebuilding it' in caplog.text
 
 
 def test_wikitext_explains_missing_tiktoken_vocabulary(monkeypatch):

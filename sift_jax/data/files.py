@@ -2,8 +2,10 @@
 
 Data root: `config.data.dir`, else $SIFT_DATA_DIR, else the user cache folder
 (`$SIFT_CACHE_DIR`, default `~/.cache/sift_jax`), which also holds derived caches (decoded
-CIFAR-10 JPEGs, WikiText-103 token arrays). Paths below the root follow the layout of the shared
-datasets folder (`text/ptb/ptb.train.txt.gz`, `images/fashion_mnist/...`).
+CIFAR-10 JPEGs, WikiText-103 token arrays), each with the sha256 of its bytes beside it
+(`<name>.sha256`), checked on every load: a mismatch rebuilds the cache after a warning. Paths
+below the root follow the layout of the shared datasets folder (`text/ptb/ptb.train.txt.gz`,
+`images/fashion_mnist/...`).
 
 A gzip-compressed file is pinned twice: by the sum of the .gz we ship and by the sum of its
 decompressed bytes. Compressors differ (the Debian Fashion-MNIST .gz files are not byte-identical to
@@ -222,19 +224,51 @@ def pinned_path(name: str, pin: PinnedFile, root: Path) -> Path:
 
 # What numpy and zipfile raise for a truncated or corrupted .npy / .npz.
 CACHE_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+# A derived cache's sha256 sits beside it in `<name>.sha256` (sha256sum's format): numpy reads a
+# flipped bit in an array's data without complaint, so the bytes are checked, not only parsed.
+CHECKSUM_SUFFIX = '.sha256'
+
+
+def checksum_path(path: Path) -> Path:
+  return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _write_checksum(path: Path) -> None:
+  """Records the sha256 of the cache at `path`, atomically (a reader sees the old file or this)."""
+  out = checksum_path(path)
+  tmp = out.with_name(f'{out.name}.{os.getpid()}.part')
+  tmp.write_text(f'{sha256_file(path)}  {path.name}\n')
+  os.replace(tmp, out)
+
+
+def cache_damage(path: Path) -> str:
+  """Why the cache at `path` cannot be trusted ('' when its sha256 matches the recorded one)."""
+  try:
+    recorded = checksum_path(path).read_text().split()[0]
+  except (OSError, IndexError):
+    return f'has no readable checksum file {checksum_path(path).name}'
+  actual = sha256_file(path)
+  if actual != recorded:
+    return f'is damaged: sha256 {actual}, recorded {recorded}'
+  return ''
 
 
 def load_cache(path: Path, load: Callable[[Path], T], build: Callable[[Path], None]) -> T:
   """`load(path)` of a derived cache; `build(path)` writes it first when it is missing, and again,
-  after a warning naming the file, when it is unreadable (truncated, corrupted)."""
+  after a warning naming the file, when its bytes do not match its recorded sha256 (or it has
+  none) or it is unreadable (truncated, corrupted)."""
   if path.is_file():
-    try:
-      return load(path)
-    except CACHE_ERRORS as e:
-      logging.warning('cache %s is unreadable (%s: %s); rebuilding it', path, type(e).__name__, e)
-      path.unlink(missing_ok=True)
+    problem = cache_damage(path)
+    if not problem:
+      try:
+        return load(path)
+      except CACHE_ERRORS as e:
+        problem = f'is unreadable ({type(e).__name__}: {e})'
+    logging.warning('cache %s %s; rebuilding it', path, problem)
+    path.unlink(missing_ok=True)
   path.parent.mkdir(parents=True, exist_ok=True)
   build(path)
+  _write_checksum(path)
   return load(path)
 
 
