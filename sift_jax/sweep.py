@@ -14,7 +14,9 @@ join the argument after the colon, or any config key (`optim.lr`), passed as `--
 Each run gets one workdir under the study's `runs/` named from its overrides, and is trained by
 `python -m sift_jax.main` in its own process, so a crash does not stop the sweep and each run's
 memory is returned. A run whose summary.json was written for exactly its config is skipped; an
-interrupted one resumes from its checkpoints (the trainer's own resume).
+interrupted one resumes from its checkpoints (the trainer's own resume). A finished run's record
+(config, summary and gzipped metrics, sift_jax/records.py) is written under the study's
+records/ folder, beside runs/: committed, it makes the run done on any machine, run folder or not.
 
 Several sweep processes may work through the same file at once (one per core, say, each pinned
 with taskset): a process takes a run by an exclusive lock on the run's `sweep.lock`, held by the
@@ -45,7 +47,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from sift_jax import config_lib, metrics
+from sift_jax import config_lib, metrics, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = 'sweep.lock'  # flock()ed while a sweep trains the run; holds that sweep's host and pid
@@ -81,6 +83,11 @@ class Run:
   def shell_command(self) -> str:
     """The command as a scheduler would run it (`python` from its PATH)."""
     return shlex.join(['python', *self.command()[1:]])
+
+  @property
+  def record(self) -> str | None:
+    """Where the run's record is kept (sift_jax/records.py), None outside a runs/ folder."""
+    return records.record_path(self.workdir)
 
 
 def format_value(value: Any) -> str:
@@ -239,16 +246,33 @@ def wait_for(workdir: str, name: str) -> None:
     fcntl.flock(f, fcntl.LOCK_EX)
 
 
-def progress(run: Run) -> tuple[str, str]:
-  """(state, detail) from the folder's files alone: done, partial, new, or conflict."""
-  saved = read_json(os.path.join(run.workdir, 'config.json'))
-  if saved is None:
-    return 'new', ''
+def config_diff(run: Run, saved: dict[str, Any]) -> list[str]:
+  """The flat config keys whose values differ between a saved config.json and the run's."""
   want = flat_json(json.loads(resolve_config(run).to_json()))
   have = flat_json(saved)
-  diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+  return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+
+
+def recorded(run: Run) -> bool:
+  """Whether the run's committed record holds it finished, with its config and length."""
+  saved = run.record and records.finished(run.record) and records.read_config(run.record)
+  if not saved:
+    return False
+  diff = config_diff(run, saved)
+  return 'total_steps' not in diff and all(k in config_lib.RUN_LENGTH_KEYS for k in diff)
+
+
+def progress(run: Run) -> tuple[str, str]:
+  """(state, detail) from the folder's files and the run's record alone: done, partial, new, or
+  conflict. A run whose folder is gone (another machine) but whose record is committed is done."""
+  saved = read_json(os.path.join(run.workdir, 'config.json'))
+  if saved is None:
+    return ('done', 'recorded') if recorded(run) else ('new', '')
+  diff = config_diff(run, saved)
   hard = [k for k in diff if k not in config_lib.RUN_LENGTH_KEYS]
   if hard:
+    want = flat_json(json.loads(resolve_config(run).to_json()))
+    have = flat_json(saved)
     details = ', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in hard[:5])
     return 'conflict', f'the folder holds a run of another config ({details})'
   summary = os.path.join(run.workdir, 'summary.json')
@@ -262,9 +286,22 @@ def progress(run: Run) -> tuple[str, str]:
     and os.path.getmtime(summary) >= os.path.getmtime(config_path)
   ):
     return 'done', ''
+  if recorded(run):
+    return 'done', 'recorded'
   steps = checkpoint_steps(run.workdir)
   last = steps[-1] if steps else 0
-  return 'partial', f'resumes at step {last} of {want["total_steps"]}'
+  return 'partial', f'resumes at step {last} of {resolve_config(run).total_steps}'
+
+
+def save_records(runs: list[Run]) -> None:
+  """Writes the record of every run finished in its folder whose record is missing or stale."""
+  written = [
+    r.record
+    for r in runs
+    if r.record and progress(r) == ('done', '') and records.save(r.workdir, r.record)
+  ]
+  if written:
+    print(f'wrote {len(written)} run records under {os.path.dirname(written[0])}', flush=True)
 
 
 def status(run: Run) -> tuple[str, str]:
@@ -332,6 +369,7 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
 
   Runs held by another sweep process are passed over, then waited for once nothing else is left
   (if that process died before finishing one, this one resumes it)."""
+  save_records(runs)  # finished before this sweep (or by hand): their records too
   todo = [r for r in runs if status(r)[0] != 'done']
   print(
     f'{len(runs)} runs{shard_note}: {len(runs) - len(todo)} done, {len(todo)} to run', flush=True
@@ -362,6 +400,7 @@ def run_sweep(runs: list[Run], shard_note: str = '') -> list[str]:
       finally:
         os.close(lock)
       if code == 0 and progress(run)[0] == 'done':
+        save_records([run])
         summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
         result = ', '.join(
           f'{k} {summary[k]:.4f}' for k in ('eval/loss', 'eval/accuracy') if k in summary
@@ -387,10 +426,12 @@ def tally(runs: list[Run], states: list[tuple[str, str]] | None = None) -> dict[
 
 
 def full_run_seconds(run: Run) -> float | None:
-  """A finished run's wall time from its summary.json, scaled up to the whole run when its last
-  sitting resumed part way (the summary times only that sitting); None if it has none."""
-  summary = read_json(os.path.join(run.workdir, 'summary.json')) or {}
-  total = (read_json(os.path.join(run.workdir, 'config.json')) or {}).get('total_steps')
+  """A finished run's wall time from its summary.json (in its folder, else its record), scaled
+  up to the whole run when its last sitting resumed part way (the summary times only that
+  sitting); None if it has none."""
+  folder = run.workdir if records.finished(run.workdir) else run.record or run.workdir
+  summary = read_json(os.path.join(folder, 'summary.json')) or {}
+  total = (read_json(os.path.join(folder, 'config.json')) or {}).get('total_steps')
   seconds, start = summary.get('wall_time_s'), summary.get('resumed_from_step', 0)
   if not seconds or not total or start >= total:
     return None

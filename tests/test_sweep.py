@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from sift_jax import sweep
+from sift_jax import records, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -404,3 +405,36 @@ def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path):
   assert len(runs) == 12
   assert runs[0].name == 'sift-wide_sparsity-0.5_rule-rigl_seed-0'
   assert runs[0].flags == ('--config.total_steps=1500',)
+
+
+def test_records_outlive_the_run_folders(finished, tmp_path):
+  """A sweep copied without its run folders (another machine) is done from its records alone,
+  and the report from the records is byte for byte the report from the run folders."""
+  from sift_jax.analysis import report
+
+  path, _ = finished
+  study = os.path.dirname(path)
+  record_dirs = sorted(os.listdir(os.path.join(study, 'records')))
+  assert record_dirs == sorted(r.name for r in sweep.make_runs(path))
+  for name in record_dirs:
+    assert sorted(os.listdir(os.path.join(study, 'records', name))) == [
+      'config.json',
+      'metrics.jsonl.gz',
+      'summary.json',
+    ]
+  report.write_report(os.path.join(study, 'runs'), str(tmp_path / 'from_runs'))
+  copy = tmp_path / 'clone'
+  copy.mkdir()
+  shutil.copy(path, copy / 'sweep.py')
+  shutil.copytree(os.path.join(study, 'records'), copy / 'records')
+  dry = run_cli(str(copy / 'sweep.py'), '--dry_run')
+  assert dry.returncode == 0, dry.stderr
+  assert dry.stdout.splitlines()[0] == '3 runs: 3 done, 0 partial, 0 new, 0 running, 0 conflict'
+  assert 'done      seed-0: recorded' in dry.stdout
+  report.write_report(str(copy / 'runs'), str(tmp_path / 'from_records'))
+  for name in os.listdir(tmp_path / 'from_runs'):
+    a = (tmp_path / 'from_runs' / name).read_bytes()
+    assert a == (tmp_path / 'from_records' / name).read_bytes(), name
+  # Rewriting a record of the same run changes no byte (records are committed).
+  run = sweep.make_runs(path)[0]
+  assert not records.save(run.workdir, run.record)

@@ -1,7 +1,8 @@
 """A study's results: `python -m sift_jax.analysis.report experiments/<study> [--out=DIR]`.
 
 Reads every run folder under the study (any folder holding a config.json, docs/design.md's "Outputs
-of a run") and writes beside it:
+of a run") and the committed records of runs whose folders are gone (sift_jax/records.py: the
+report is the same from either) and writes beside it:
 
 - results.csv: one row per run (its setting, seed, final metrics, sizes, FLOPs, step time);
 - table.md: per setting, mean +- std over its finished runs (seeds), with n;
@@ -32,6 +33,7 @@ import numpy as np
 import scipy.stats
 from absl import app, flags
 
+from sift_jax import records
 from sift_jax.analysis.spectral import SCORES
 from sift_jax.train import flatten
 
@@ -72,23 +74,28 @@ SKIP_DIRS = ('checkpoints', 'checkpoints_incomplete', 'checkpoints_corrupt', 'te
 
 
 def find_runs(root: str) -> list[str]:
-  """Every folder under `root` holding a config.json, sorted."""
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f'{root!r} is not a folder')
+  """One folder per run under `root` and under its records (records.record_path): every folder
+  holding a config.json, a run's finished folder preferred to its record (records.pick)."""
+  roots = [r for r in (root, records.record_path(root)) if r and os.path.isdir(r)]
+  if not roots:
+    raise FileNotFoundError(f'{root!r} is not a folder and has no records')
   found = []
-  for folder, dirs, files in os.walk(root):
-    dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-    if 'config.json' in files:
-      found.append(folder)
-  return sorted(found)
+  for top in roots:
+    for folder, dirs, files in os.walk(top):
+      dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+      if 'config.json' in files:
+        found.append(folder)
+  return records.pick(found)
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """metrics.jsonl rows by step; a resumed run logs some steps twice (the later row wins), and
-  a run killed mid-write can leave a partial line (skipped)."""
+def read_metrics(folder: str) -> list[dict[str, Any]]:
+  """A run's metrics rows by step (from metrics.jsonl, or a record's metrics.jsonl.gz); a resumed
+  run logs some steps twice (the later row wins), and a run killed mid-write can leave a partial
+  line (skipped)."""
   rows: dict[int, dict[str, Any]] = {}
-  if os.path.exists(path):
-    with open(path) as f:
+  f = records.open_metrics(folder)
+  if f is not None:
+    with f:
       for line in f:
         try:
           row = json.loads(line)
@@ -116,7 +123,7 @@ def read_run(workdir: str) -> dict[str, Any]:
     'workdir': workdir,
     'config': config,
     'summary': summary,
-    'metrics': read_metrics(os.path.join(workdir, 'metrics.jsonl')),
+    'metrics': read_metrics(workdir),
   }
 
 
