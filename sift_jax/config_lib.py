@@ -185,11 +185,11 @@ def base_config() -> ml_collections.ConfigDict:
 def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool]) -> None:
   """Applies `sift=`, `sparsity=`, `rule=`, `seed=` to a config in place."""
   if 'seed' in args:
-    c.seed = int(args['seed'])
+    c.seed = _number(args, 'seed', int, 'an integer')
   if 'sift' in args:
     c.sift.name = str(args['sift'])
   if 'sparsity' in args:
-    c.sparsity.level = float(args['sparsity'])
+    c.sparsity.level = _number(args, 'sparsity', float, 'a number in [0, 1)')
     if 'rule' not in args and c.sparsity.rule == 'dense':
       c.sparsity.rule = 'static'
   if 'rule' in args:
@@ -199,6 +199,14 @@ def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool])
       f'rule=dense with sparsity={c.sparsity.level}: a dense run has no sparsity; '
       'pick a rule (static, set, rigl, topkast, gse, gmp) or drop sparsity='
     )
+
+
+def _number(args: dict[str, str | bool], key: str, kind: type, allowed: str) -> int | float:
+  """args[key] as `kind`, or a ConfigError naming the value and what is allowed."""
+  try:
+    return kind(args[key])
+  except ValueError:
+    raise ConfigError(f'config argument {key}={args[key]!r} is not {allowed}') from None
 
 
 def known_configs() -> list[str]:
