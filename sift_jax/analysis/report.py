@@ -111,14 +111,24 @@ def frozen(value: Any) -> Any:
   return tuple(map(frozen, value)) if isinstance(value, list) else value
 
 
+def load_json(path: str) -> Any:
+  """A run's JSON file; a truncated or damaged one is a ValueError naming it."""
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except ValueError as e:
+      raise ValueError(
+        f'{path} is not valid JSON ({e}): the run was cut off while writing it or the file is '
+        'damaged; rerun the run (it resumes) or move its folder out of the study'
+      ) from None
+
+
 def read_run(workdir: str) -> dict[str, Any]:
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = {k: frozen(v) for k, v in flatten(json.load(f)).items()}
+  config = {
+    k: frozen(v) for k, v in flatten(load_json(os.path.join(workdir, 'config.json'))).items()
+  }
   summary_path = os.path.join(workdir, 'summary.json')
-  summary = None
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
+  summary = load_json(summary_path) if os.path.exists(summary_path) else None
   return {
     'workdir': workdir,
     'config': config,
