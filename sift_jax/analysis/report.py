@@ -5,7 +5,11 @@ of a run") and the committed records of runs whose folders are gone (sift_jax/re
 report is the same from either) and writes beside it:
 
 - results.csv: one row per run (its setting, seed, final metrics, sizes, FLOPs, step time);
-- table.md: per setting, mean +- std over its finished runs (seeds), with n;
+- table.md: per setting, mean +- std over its finished runs (seeds), with n, then comparisons.md;
+- comparisons.csv, comparisons.md: each setting against a baseline setting (`--baseline`, default
+  the dense one): the difference of means, its 95% Welch interval, Welch's p, and "better" or
+  "worse" only where the interval excludes 0 (sift_jax/analysis/compare.py, which also makes
+  them from a committed results.csv alone);
 - metric_vs_train_flops.png, metric_vs_sparsity.png, curve_vs_step.png,
   curve_vs_train_flops.png: final metric against training FLOPs per example and against the
   sparsity per member/rule, and the eval curves against step and cumulative training FLOPs,
@@ -542,8 +546,17 @@ PLOTS = (
 )
 
 
-def write_report(study: str, out: str | None = None, metric: str | None = None) -> dict[str, Any]:
-  """Writes results.csv, table.md and the plots of `study` into `out` (default: the study)."""
+def write_report(
+  study: str,
+  out: str | None = None,
+  metric: str | None = None,
+  baselines: Sequence[str] = ('dense',),
+) -> dict[str, Any]:
+  """Writes results.csv, table.md, comparisons.csv/.md (each setting against `baselines`, see
+  compare.py) and the plots of `study` into `out` (default: the study)."""
+  # compare builds on this module's tables, so it is imported here, not at the top.
+  from sift_jax.analysis import compare
+
   out = out or study
   runs = [read_run(w) for w in find_runs(study)]
   if not runs:
@@ -558,6 +571,7 @@ def write_report(study: str, out: str | None = None, metric: str | None = None) 
   os.makedirs(out, exist_ok=True)
   write_csv(os.path.join(out, 'results.csv'), rows)
   table = markdown_table(rows, keys, key)
+  table += '\n' + compare.write_comparisons(rows, keys, key, baselines, out)
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write(table)
   colors = Colors([label({k: r[k] for k in keys}) for r in rows])
@@ -583,7 +597,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError('usage: python -m sift_jax.analysis.report experiments/<study> [--out=]')
   try:
-    report = write_report(argv[1], _OUT.value, _METRIC.value)
+    report = write_report(argv[1], _OUT.value, _METRIC.value, _BASELINE.value)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
@@ -591,7 +605,8 @@ def main(argv: list[str]) -> None:
   if report['spectral']:
     print(report['spectral'])
   print(
-    f'{report["runs"]} runs; wrote results.csv, table.md, {", ".join(PLOTS)} to '
+    f'{report["runs"]} runs; wrote results.csv, table.md, comparisons.csv, comparisons.md, '
+    f'{", ".join(PLOTS)} to '
     f'{_OUT.value or argv[1]}'
   )
 
@@ -599,4 +614,7 @@ def main(argv: list[str]) -> None:
 if __name__ == '__main__':
   _OUT = flags.DEFINE_string('out', None, 'Folder for the outputs (default: the study folder).')
   _METRIC = flags.DEFINE_string('metric', None, 'Metric to report (default: accuracy or loss).')
+  _BASELINE = flags.DEFINE_multi_string(
+    'baseline', ['dense'], 'Baseline spec(s) for comparisons.csv: dense or key=value,... (compare.py).'
+  )
   app.run(main)
