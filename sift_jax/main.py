@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags, logging
 
-from sift_jax import config_lib, errors, train
+from sift_jax import config_lib, errors, plugins, train
 
 _WORKDIR = flags.DEFINE_string(
   'workdir',
@@ -26,8 +26,16 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum(
   'mode', 'train', train.MODES, 'train, or eval: evaluate the latest checkpoint of --workdir.'
 )
+flags.DEFINE_multi_string(
+  'import',
+  [],
+  'Module to import before the config is read (registers models, rules, members); repeatable. '
+  f'Recorded in the workdir ({plugins.IMPORTS_FILE}) for --mode=eval and resuming.',
+)
 # Set by `run` (config_lib.define_config_flag): the --config value as given.
 _CONFIG_SPEC = ''
+# Set by `run`: the --import modules, recorded in the workdir.
+_IMPORTS: list[str] = []
 
 
 def default_workdir(config_arg: str) -> str:
@@ -53,6 +61,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   logging.info('config:\n%s', config)
   try:
+    plugins.record(workdir, _IMPORTS)
     train.train_and_evaluate(config, workdir, mode=_MODE.value)
   except train.Preempted as e:
     print(str(e), flush=True)
@@ -63,7 +72,11 @@ def main(argv: list[str]) -> None:
 
 def run(argv: list[str]) -> None:
   """The command line `argv` (argv[0] the program name): defines --config from it, then runs."""
-  global _CONFIG_SPEC
+  global _CONFIG_SPEC, _IMPORTS
+  try:
+    _IMPORTS = plugins.load_for_command_line(argv)
+  except errors.UserError as e:
+    config_lib.fail(str(e))
   _CONFIG_SPEC, rest = config_lib.define_config_flag(argv, from_workdir=True)
   app.run(main, argv=rest)
 

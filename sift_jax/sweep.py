@@ -47,7 +47,8 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from sift_jax import config_lib, metrics, records
+from sift_jax import config_lib, metrics, plugins, records
+from sift_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCK = 'sweep.lock'  # flock()ed while a sweep trains the run; holds that sweep's host and pid
@@ -73,12 +74,21 @@ class Run:
   config_arg: str  # path:arg for --config
   flags: tuple[str, ...]  # --config.KEY=VALUE
   overrides: Mapping[str, Any]
+  imports: tuple[str, ...] = ()  # the sweep file's 'imports': modules registering names
 
   def argv(self) -> list[str]:
     return [f'--config={self.config_arg}', *self.flags]
 
   def command(self) -> list[str]:
-    return [sys.executable, '-m', 'sift_jax.main', *self.argv(), f'--workdir={self.workdir}']
+    imports = [f'--import={m}' for m in self.imports]
+    return [
+      sys.executable,
+      '-m',
+      'sift_jax.main',
+      *imports,
+      *self.argv(),
+      f'--workdir={self.workdir}',
+    ]
 
   def shell_command(self) -> str:
     """The command as a scheduler would run it (`python` from its PATH)."""
@@ -131,12 +141,18 @@ def load_sweep(path: str) -> dict[str, Any]:
   if not hasattr(module, 'get_sweep'):
     raise ValueError(f'sweep file {path} defines no get_sweep()')
   sweep = module.get_sweep()
-  unknown = set(sweep) - {'config', 'fixed', 'overrides', 'runs_dir'}
+  unknown = set(sweep) - {'config', 'fixed', 'overrides', 'runs_dir', 'imports'}
   if unknown or 'config' not in sweep:
     raise ValueError(
       f'get_sweep() of {path} returned keys {sorted(sweep)}; needs config, may have fixed, '
-      'overrides, runs_dir'
+      'overrides, runs_dir, imports'
     )
+  imports = sweep.get('imports', ())
+  if isinstance(imports, str) or not all(isinstance(m, str) for m in imports):
+    raise ValueError(f"get_sweep() of {path}: 'imports' must be a list of module names")
+  # The runs' configs may name what these modules register; the trainers get --import.
+  plugins.load_entry_points()
+  plugins.import_modules(imports, source=f"'imports' of {path}")
   return sweep
 
 
@@ -164,7 +180,14 @@ def make_runs(sweep_path: str) -> list[Run]:
     ]
     arg = config_lib.join_arg(args)
     runs.append(
-      Run(name, os.path.join(runs_dir, name), f'{file}:{arg}' if arg else file, tuple(long), o)
+      Run(
+        name,
+        os.path.join(runs_dir, name),
+        f'{file}:{arg}' if arg else file,
+        tuple(long),
+        o,
+        tuple(sweep.get('imports', ())),
+      )
     )
   return runs
 
@@ -471,7 +494,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('usage: python -m sift_jax.sweep experiments/<study>/sweep.py [flags]')
   try:
     runs, note = select_shard(make_runs(argv[1]), _SHARD.value)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, UserError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
   if _PRINT.value or _DRY_RUN.value:
