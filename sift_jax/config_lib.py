@@ -33,6 +33,8 @@ class ConfigError(UserError, ValueError):
 
 SHORT_FORMS = ('sift', 'sparsity', 'rule', 'seed')
 
+FLAG_ARGS = ('local', 'smoke')  # `smoke` is `local` cut to SMOKE_STEPS
+SMOKE_STEPS = 30  # a first run through every part of the loop in about 30 s on a CPU
 # Keys that only say how long a run is or how often it reports; a resumed run may change them.
 RUN_LENGTH_KEYS = (
   'total_steps',
@@ -53,8 +55,12 @@ RUN_LENGTH_KEYS = (
 
 
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
-  """'local,sift=wide,sparsity=0.75' -> {'local': True, 'sift': 'wide', 'sparsity': '0.75'}."""
-  out: dict[str, str | bool] = {'local': False}
+  """'local,sift=wide,sparsity=0.75' -> {'local': True, 'smoke': False, 'sift': 'wide', ...}.
+
+  `smoke` implies `local`: the configs build their local run, then apply_short_forms shrinks it.
+  """
+  allowed = ', '.join([*FLAG_ARGS, *(f'{k}=' for k in SHORT_FORMS)])
+  out: dict[str, str | bool] = {'local': False, 'smoke': False}
   for part in (arg or '').split(','):
     part = part.strip()
     if not part:
@@ -62,18 +68,13 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
     if '=' in part:
       key, value = part.split('=', 1)
       if key not in SHORT_FORMS:
-        raise ConfigError(
-          f'unknown config argument {key!r} in {arg!r}; allowed: local, '
-          + ', '.join(f'{k}=' for k in SHORT_FORMS)
-        )
+        raise ConfigError(f'unknown config argument {key!r} in {arg!r}; allowed: {allowed}')
       out[key] = value
-    elif part == 'local':
+    elif part in FLAG_ARGS:
+      out[part] = True
       out['local'] = True
     else:
-      raise ConfigError(
-        f'unknown config argument {part!r} in {arg!r}; allowed: local, '
-        + ', '.join(f'{k}=' for k in SHORT_FORMS)
-      )
+      raise ConfigError(f'unknown config argument {part!r} in {arg!r}; allowed: {allowed}')
   return out
 
 
@@ -177,13 +178,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # True: join a cluster (auto-detected on TPU pods, SLURM)
   c.distributed.coordinator_address = ''  # host:port of process 0
+def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
+  """`smoke`: SMOKE_STEPS steps that still log, evaluate, checkpoint and update the masks."""
+  c.total_steps = SMOKE_STEPS
+  c.log_every_steps = SMOKE_STEPS // 3
+  c.eval_every_steps = c.checkpoint_every_steps = SMOKE_STEPS
+  c.eval.max_examples = 128
+  c.optim.warmup_steps = min(c.optim.warmup_steps, SMOKE_STEPS)
+  c.sparsity.start_step = 0
+  c.sparsity.update_every_steps = c.sparsity.topkast_every_steps = SMOKE_STEPS // 3
+
+
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
   return c
 
 
 def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool]) -> None:
-  """Applies `sift=`, `sparsity=`, `rule=`, `seed=` to a config in place."""
+  """Applies `smoke`, `sift=`, `sparsity=`, `rule=`, `seed=` to a config in place."""
+  if args.get('smoke'):
+    shrink_to_smoke(c)
   if 'seed' in args:
     c.seed = _number(args, 'seed', int, 'an integer')
   if 'sift' in args:
@@ -248,8 +262,8 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 def join_arg(args: dict[str, str | bool]) -> str:
   """The inverse of `parse_arg`."""
-  parts = ['local'] if args.get('local') else []
-  parts += [f'{k}={v}' for k, v in args.items() if k != 'local']
+  parts = ['smoke'] if args.get('smoke') else ['local'] if args.get('local') else []
+  parts += [f'{k}={v}' for k, v in args.items() if k not in FLAG_ARGS]
   return ','.join(parts)
 
 
