@@ -207,7 +207,7 @@ IMAGE_DATASETS = [
 def test_eval_subset_label_histogram_matches_the_split(name, k):
   c = make_config(name)
   c.eval.max_examples = k
-  c.eval.batch_size = 500
+  c.eval.batch_size = 250  # digits' eval split has 297 examples: no larger batch is allowed
   d = build_dataset(c)
   split = d.eval_source.labels
   num_classes = d.meta['num_classes']
@@ -301,6 +301,7 @@ def test_text_files_globs(tmp_path):
     eval_files=str(tmp_path / 'eval.txt'),
   )
   c.data.seq_len = 8
+  c.eval.batch_size = 4  # the eval file holds 4 windows of 8 tokens
   d = build_dataset(c)
   assert (
     d.train_tokens.tobytes() == b'first file ' * 5 + b'second file ' * 5 + b'\xff\x00 deep ' * 5

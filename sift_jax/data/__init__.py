@@ -19,9 +19,12 @@ __all__ = ['Batch', 'Dataset', 'build_dataset', 'dataset_meta']
 def build_dataset(
   config: ml_collections.ConfigDict, *, process_index: int = 0, process_count: int = 1
 ) -> Dataset:
-  """The dataset `config.data.name`, as seen by process `process_index` of `process_count`."""
+  """The dataset `config.data.name`, as seen by process `process_index` of `process_count`;
+  raises ConfigError when a batch size exceeds its split."""
   build = registry.DATASETS.get(config.data.name)
-  return build(config, process_index=process_index, process_count=process_count)
+  dataset = build(config, process_index=process_index, process_count=process_count)
+  dataset.check_batch_sizes()
+  return dataset
 
 
 def dataset_meta(config: ml_collections.ConfigDict) -> dict:

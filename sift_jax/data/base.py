@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import ml_collections
 import numpy as np
 
+from sift_jax.config_lib import ConfigError
 from sift_jax.data import pipeline
 
 Batch = dict[str, np.ndarray]
@@ -86,6 +87,24 @@ class Dataset(abc.ABC):
         f'count {self.process_count}'
       )
     return int(size)
+
+  def _train_count(self) -> int:
+    """How many distinct training examples there are to draw a batch from."""
+    return self.num_train_examples
+
+  def check_batch_sizes(self) -> None:
+    """Refuses a global batch larger than its split, before any step is built: such a batch
+    repeats examples within itself, and a very large one stalls the first step for minutes."""
+    unit = 'windows' if self.kind == 'text' else 'examples'
+    for key, size, split, count in (
+      ('batch_size', self.batch_size, 'train', self._train_count()),
+      ('eval.batch_size (0: batch_size)', self.eval_batch_size, 'eval', self._eval_count()),
+    ):
+      if size > count:
+        raise ConfigError(
+          f'{key}={size} is larger than the {split} split ({count} {unit}); allowed: at most '
+          f'{count}'
+        )
 
   def host_rows(self, global_size: int) -> slice:
     """This process's rows of a global batch of `global_size` rows."""

@@ -102,6 +102,9 @@ class TextDataset(Dataset):
     starts = rng(self.seed, STREAM_TEXT_WINDOWS, step).integers(0, high, size=self.batch_size)
     return self._windows(self.train_tokens, starts[self.host_rows(self.batch_size)], self.seq_len)
 
+  def _train_count(self) -> int:
+    return len(self.train_tokens) - self.seq_len  # window starts
+
   def _eval_count(self) -> int:
     return (len(self.eval_tokens) - 1) // self.seq_len
 
