@@ -178,6 +178,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # True: join a cluster (auto-detected on TPU pods, SLURM)
   c.distributed.coordinator_address = ''  # host:port of process 0
+
+
 def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
   """`smoke`: SMOKE_STEPS steps that still log, evaluate, checkpoint and update the masks."""
   c.total_steps = SMOKE_STEPS
@@ -187,7 +189,6 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
   c.optim.warmup_steps = min(c.optim.warmup_steps, SMOKE_STEPS)
   c.sparsity.start_step = 0
   c.sparsity.update_every_steps = c.sparsity.topkast_every_steps = SMOKE_STEPS // 3
-
 
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
@@ -244,6 +245,18 @@ def resolve_config_path(path: str) -> str:
   )
 
 
+def exec_file(path: str, module_name: str, what: str):
+  """The module a Python file (a config or sweep file) defines; a syntax error in it is a
+  ConfigError naming the file and line, not a traceback into the loader."""
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f'{what} {path} has a syntax error at line {e.lineno}: {e.msg}') from None
+  return module
+
+
 def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """Loads `get_config(arg)` from a config file (for notebooks, tests, derived configs).
 
@@ -251,9 +264,7 @@ def load_config(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """
   path = resolve_config_path(path)
   name = 'sift_jax_config_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = exec_file(path, name, 'config file')
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path!r} defines no get_config(arg)')
   # As ml_collections' config_flags: no argument when the command line gives none.

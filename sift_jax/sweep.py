@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import fcntl
-import importlib.util
 import itertools
 import json
 import os
@@ -135,9 +134,7 @@ def shown_path(path: str) -> str:
 def load_sweep(path: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'sweep file {path!r} does not exist')
-  spec = importlib.util.spec_from_file_location('sift_jax_sweep_file', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = config_lib.exec_file(path, 'sift_jax_sweep_file', 'sweep file')
   if not hasattr(module, 'get_sweep'):
     raise ValueError(f'sweep file {path} defines no get_sweep()')
   sweep = module.get_sweep()
@@ -199,6 +196,39 @@ def resolve_config(run: Run):
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, sys_argv=argv)
   values(argv)
   return values.config
+
+
+def check_runs(runs: list[Run]) -> list[Run]:
+  """Builds and checks every run's config before anything trains; returns the runs less the
+  duplicates, each said on a line.
+
+  Unknown keys (with the closest known one), unknown names (config_lib.validate) and bad values
+  raise one ConfigError naming the runs. Runs that resolve to the same config ({'sparsity': 0.5}
+  and {'sparsity': 0.5, 'rule': 'static'}) would train the same thing twice: the first is kept.
+  """
+  problems: dict[str, list[str]] = {}
+  first: dict[str, Run] = {}
+  unique = []
+  for run in runs:
+    try:
+      config_lib.config_from_argv(['sweep', *run.argv()])  # unknown keys, with the closest one
+      config = resolve_config(run)
+      config_lib.validate(config)
+    except (UserError, ValueError, flags.Error) as e:
+      problems.setdefault(str(e), []).append(run.name)
+      continue
+    key = json.dumps(flat_json(json.loads(config.to_json())), sort_keys=True)
+    if key in first:
+      note = f'note: run {run.name} resolves to the config of run {first[key].name}: trained once'
+      print(note, file=sys.stderr, flush=True)
+      continue
+    first[key] = run
+    unique.append(run)
+  if problems:
+    raise config_lib.ConfigError(
+      '; '.join(f'run {", ".join(names)}: {problem}' for problem, names in problems.items())
+    )
+  return unique
 
 
 def flat_json(obj: Any) -> dict[str, Any]:
@@ -493,7 +523,7 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise app.UsageError('usage: python -m sift_jax.sweep experiments/<study>/sweep.py [flags]')
   try:
-    runs, note = select_shard(make_runs(argv[1]), _SHARD.value)
+    runs, note = select_shard(check_runs(make_runs(argv[1])), _SHARD.value)
   except (ValueError, FileNotFoundError, UserError) as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
