@@ -116,7 +116,7 @@ def test_every_setting_against_dense_by_default():
   assert math.isnan(single['ci95_low']) and math.isnan(single['p_value'])
 
 
-def test_a_partial_baseline_pairs_settings_that_agree_on_the_other_keys():
+def test_a_partial_baseline_pairs_settings_equal_outside_the_spec():
   rows = rows_of(
     {
       ('dense', 'dense', 0.0): [0.80, 0.81, 0.82],
@@ -124,6 +124,7 @@ def test_a_partial_baseline_pairs_settings_that_agree_on_the_other_keys():
       ('wide', 'static', 0.75): [0.70, 0.71, 0.72],
       ('wide', 'rigl', 0.5): [0.85, 0.86, 0.87],
       ('wide', 'rigl', 0.75): [0.75, 0.76, 0.77],
+      ('doped', 'rigl', 0.5): [0.85, 0.86, 0.87],  # another member: no static of its own
     }
   )
   compared, notes = compare.comparisons(rows, KEYS, 'eval/accuracy', ['rule=static'])
@@ -132,7 +133,22 @@ def test_a_partial_baseline_pairs_settings_that_agree_on_the_other_keys():
   assert pairs[('rigl', 0.5)]['baseline'] == 'rule=static'
   assert pairs[('rigl', 0.75)]['difference'] == pytest.approx(0.05)
   assert pairs[('rigl', 0.75)]['baseline_mean'] == pytest.approx(0.71)
-  assert notes == ['`rule=static`: sift=dense, rule=dense, s=0.0 has no unique baseline.']
+  assert notes == [
+    '`rule=static`: no baseline for sift=dense, rule=dense, s=0.0; sift=doped, rule=rigl, s=0.5.'
+  ]
+
+
+def test_a_baseline_that_one_setting_matches_is_everyone_s():
+  rows = rows_of(
+    {
+      ('wide', 'static', 0.5): [0.80, 0.81, 0.82],
+      ('wide', 'rigl', 0.5): [0.85, 0.86, 0.87],
+      ('wide', 'rigl', 0.75): [0.75, 0.76, 0.77],
+    }
+  )
+  compared, notes = compare.comparisons(rows, KEYS, 'eval/accuracy', ['rule=static'])
+  assert [c['baseline'] for c in compared] == ['rule=static', 'rule=static, s=0.5']
+  assert notes == []
 
 
 def test_baseline_specs_read_short_names_and_tuples():

@@ -14,10 +14,11 @@ A baseline is picked by a spec (`--baseline`, repeatable; each one adds its comp
   `sift`, `sparsity.block_shape`, `model.hidden`), values as results.csv writes them (`0.9`,
   `(1, 1)`), e.g. `--baseline=rule=static` or `--baseline='model.hidden=(1576, 1576)'`.
 
-The settings that match a spec are its baselines, and are not compared themselves. Every other
-setting is compared with the baseline that agrees with it on the most setting keys outside the
-spec: `rule=static` compares each rule with static at the same sparsity level. A setting for
-which several baselines tie has no comparison (comparisons.md lists it).
+The settings that match a spec are its baselines, and are not compared themselves. Where one
+setting matches, every other setting is compared with it. Where several do, each other setting
+is compared with the one that agrees with it on every setting key outside the spec (the same
+setting with only the spec's keys changed): `rule=static` compares each rule with static at the
+same sparsity level, and a setting without such a baseline is listed in comparisons.md.
 
 `python -m sift_jax.analysis.report` writes comparisons.csv and comparisons.md, and appends them
 to table.md. From a committed results.csv alone (the run folders gone), the same three files:
@@ -147,38 +148,39 @@ def parse_spec(spec: str, columns: Sequence[str]) -> dict[str, Any]:
 def match_baselines(
   settings: Sequence[tuple], keys: Sequence[str], first_rows: dict[tuple, dict], spec: dict
 ) -> tuple[dict[tuple, tuple], list[tuple]]:
-  """({setting: its baseline}, settings with a tie between baselines) for one parsed spec;
-  first_rows holds a row of each setting (for spec keys that are the same in every run)."""
+  """({setting: its baseline}, settings without one) for one parsed spec; first_rows holds a row
+  of each setting (for spec keys that are the same in every run, so not setting keys)."""
   bases = [s for s in settings if all(first_rows[s].get(k) == v for k, v in spec.items())]
   others = [i for i, k in enumerate(keys) if k not in spec]
-  chosen, ties = {}, []
+  chosen, missing = {}, []
   for s in settings:
     if s in bases or not bases:
       continue
-    agree = [sum(s[i] == b[i] for i in others) for b in bases]
-    best = [b for b, n in zip(bases, agree, strict=True) if n == max(agree)]
-    if len(best) == 1:
-      chosen[s] = best[0]
+    # Two bases cannot agree on every key outside the spec (they would be one setting).
+    same = [b for b in bases if len(bases) == 1 or all(s[i] == b[i] for i in others)]
+    if same:
+      chosen[s] = same[0]
     else:
-      ties.append(s)
-  return chosen, ties
+      missing.append(s)
+  return chosen, missing
 
 
 def comparisons(
   rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: str, specs: Sequence[str]
 ) -> tuple[list[dict[str, Any]], list[str]]:
-  """(one comparison row per setting and spec, notes on specs that matched nothing or tied)."""
+  """(one comparison row per setting and spec, notes on settings left without a baseline)."""
   groups = group(rows, keys)
   columns = list(rows[0]) if rows else []
   higher = higher_is_better(metric)
   first_rows = {s: members[0] for s, members in groups.items()}
   out, notes = [], []
   for spec in specs:
-    chosen, ties = match_baselines(list(groups), keys, first_rows, parse_spec(spec, columns))
-    if not chosen and not ties:
+    chosen, missing = match_baselines(list(groups), keys, first_rows, parse_spec(spec, columns))
+    if not chosen and not missing:
       notes.append(f'`{spec}`: no setting matches it, or it matches every setting.')
-    for s in ties:
-      notes.append(f'`{spec}`: {label(dict(zip(keys, s, strict=True)))} has no unique baseline.')
+    if missing:
+      names = '; '.join(label(dict(zip(keys, s, strict=True))) for s in missing)
+      notes.append(f'`{spec}`: no baseline for {names}.')
     for s, b in chosen.items():
       a_values = finite([m[metric] for m in groups[s]])
       b_values = finite([m[metric] for m in groups[b]])
