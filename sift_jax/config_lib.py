@@ -15,8 +15,9 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import ml_collections
 
@@ -317,15 +318,20 @@ def check_key(config: ml_collections.ConfigDict, key: str) -> None:
     raise ConfigError(f'unknown config key --config.{key}: {group} has no {part!r}{hint}')
 
 
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
-  """Every leaf key of config, dotted ('optim.lr')."""
-  out = []
-  for k, v in config.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out += flat_keys(v, f'{prefix}{k}.')
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}, for nested dicts (a config's JSON) and ConfigDicts alike."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(v, f'{prefix}{k}.'))
     else:
-      out.append(f'{prefix}{k}')
+      out[f'{prefix}{k}'] = v
   return out
+
+
+def flat_keys(config: ml_collections.ConfigDict) -> list[str]:
+  """Every leaf key of config, dotted ('optim.lr')."""
+  return list(flatten(config))
 
 
 # Config keys that name a registry entry, and the module whose import fills that registry.

@@ -233,9 +233,7 @@ def check_runs(runs: list[Run]) -> list[Run]:
 
 def flat_json(obj: Any) -> dict[str, Any]:
   """A config as flat {dotted key: JSON value}, tuples and lists alike."""
-  from sift_jax.train import flatten
-
-  return flatten(json.loads(json.dumps(metrics.plain(obj))))
+  return config_lib.flatten(json.loads(json.dumps(metrics.plain(obj))))
 
 
 def read_json(path: str) -> Any:

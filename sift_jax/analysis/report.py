@@ -39,19 +39,12 @@ from absl import app, flags
 
 from sift_jax import records
 from sift_jax.analysis.spectral import SCORES
-from sift_jax.train import flatten
+from sift_jax.config_lib import flatten
+from sift_jax.workdir import BOOKKEEPING_KEYS
 
-# Keys that say where and how a run was bookkept, not what it trained: runs differing only in
-# them are one setting (data.workers: who builds the batches, which are the same for any count).
-IGNORED_PREFIXES = (
-  'seed',
-  'distributed.',
-  'data.dir',
-  'data.workers',
-  'log_every_steps',
-  'progress',
-  'checkpoint',
-)
+# Keys that say where and how a run was bookkept, not what it trained (the workdir's bookkeeping
+# keys, the seed and where the data lies): runs differing only in them are one setting.
+IGNORED_PREFIXES = ('seed', 'data.dir', *BOOKKEEPING_KEYS)
 # Setting keys first in this order, with their short names in labels.
 SHORT_NAMES = {'sift.name': 'sift', 'sparsity.rule': 'rule', 'sparsity.level': 's'}
 TOKEN_UNITS = {
