@@ -397,8 +397,8 @@ def test_the_report_reads_a_real_sweep(finished, tmp_path):
 
 
 def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path):
-  with open(os.path.join(REPO, 'README.md')) as f:
-    section = f.read().split('## Sweeps and analysis', 1)[1]
+  with open(os.path.join(REPO, 'docs', 'sweeps.md')) as f:
+    section = f.read()
   code = section.split('```python\n', 1)[1].split('```', 1)[0]
   (tmp_path / 'sweep.py').write_text(code)
   runs = sweep.make_runs(str(tmp_path / 'sweep.py'))
