@@ -29,7 +29,7 @@ from absl import app, flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from sift_jax import config_lib, launch, sharding, train  # noqa: E402
+from sift_jax import config_lib, experiment, launch, sharding, train  # noqa: E402
 
 _LAYOUTS = flags.DEFINE_list('layouts', ['1', '2', '4', '8', '8f2', '2x1', '2x4'], 'Layouts.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per timing window (one mask update each).')
@@ -54,7 +54,7 @@ def measure() -> dict[str, float]:
   """examples/s of the jitted train step in this process (one member of the cluster)."""
   c = bench_config()
   launch.initialize(c)
-  exp = train.build_experiment(c)
+  exp = experiment.build_experiment(c)
   state = exp.new_state()
   step_fn = exp.train_step()
   n = _STEPS.value

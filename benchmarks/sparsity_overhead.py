@@ -6,7 +6,7 @@
 
 Step-time ratios: an MLP 784-1024-1024-10 at batch 256 (SGD momentum) and a GPT of 4 layers,
 d 256, context 128, batch 16, byte vocabulary (AdamW), at 90% sparsity. Every step is
-sift_jax.train's own jitted train step on a fixed batch (dense: the same step with rule dense),
+sift_jax.steps' own jitted train step on a fixed batch (dense: the same step with rule dense),
 in a process whose heap is kept (sift_jax.hostmem), as the trainer's is. Dense and sparse
 steps are timed in interleaved windows (dense, rule 1, dense, rule 2, dense, ...); each
 rule's time is divided by the mean of the dense times just before and after it, and the
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from sift_jax import config_lib, hostmem, models, sparsity, train
+from sift_jax import config_lib, hostmem, models, sparsity, steps
 from sift_jax.state import TrainState
 
 _MODELS = flags.DEFINE_list('models', ['mlp', 'gpt'], 'Models to time: mlp, gpt.')
@@ -62,14 +62,14 @@ def run_config(rule: str) -> Any:
 
 
 def model_case(name: str):
-  """(config, model, variables, batch, optimizer, data kind) of one benchmark model."""
+  """(config, model, variables, batch, optimizer, task) of one benchmark model."""
   c = config_lib.base_config()
   key = jax.random.PRNGKey(0)
   if name == 'mlp':
     c.model = models.model_config('mlp', hidden=(1024, 1024))
     meta = {'num_classes': 10, 'image_shape': (28, 28, 1)}
     x = jax.random.normal(key, (256, 28, 28, 1))
-    batch, kind = {'image': x, 'label': jax.random.randint(key, (256,), 0, 10)}, 'image'
+    batch = {'image': x, 'label': jax.random.randint(key, (256,), 0, 10)}
     tx = optax.sgd(0.01, momentum=0.9)
   elif name == 'gpt':
     c.model = models.model_config(
@@ -77,18 +77,18 @@ def model_case(name: str):
     )
     meta = {'vocab_size': 256, 'seq_len': 128}
     x = jax.random.randint(key, (16, 128), 0, 256)
-    batch, kind = {'inputs': x, 'targets': jnp.roll(x, -1, axis=1)}, 'text'
+    batch = {'inputs': x, 'targets': jnp.roll(x, -1, axis=1)}
     tx = optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
   else:
     raise ValueError(f'unknown benchmark model {name!r}; allowed: mlp, gpt')
   model = models.build_model(c, meta)
   variables = model.init(jax.random.PRNGKey(1), x, train=False)
-  return c, model, variables, batch, tx, kind
+  return c, model, variables, batch, tx, steps.task_of(meta)
 
 
 def case(name: str, rule_name: str):
-  """(rule, jitted train step of sift_jax.train, its initial state) for one model and rule."""
-  c, model, variables, batch, tx, kind = model_case(name)
+  """(rule, jitted train step of sift_jax.steps, its initial state) for one model and rule."""
+  c, model, variables, batch, tx, task = model_case(name)
   variables = dict(variables)
   params = variables.pop('params')
   paths = models.sparse_kernel_paths({'params': params, **variables})
@@ -103,7 +103,7 @@ def case(name: str, rule_name: str):
     sparsity=sstate,
     rng=jax.random.PRNGKey(3),
   )
-  step = train.make_train_step(model, tx, optax.constant_schedule(0.0), rule, kind, c)
+  step = steps.make_train_step(model, tx, optax.constant_schedule(0.0), rule, task, c)
   state = jax.tree.map(jnp.copy, state)  # the step donates its state: no shared buffers
   return rule, jax.jit(step, donate_argnums=0), state, batch
 

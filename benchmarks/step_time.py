@@ -21,7 +21,7 @@ import jax
 from absl import app, flags
 from step_time_xla import VARIANTS, check_variants
 
-from sift_jax import config_lib, hostmem, metrics, sharding, train
+from sift_jax import config_lib, experiment, hostmem, metrics, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
@@ -69,7 +69,7 @@ def footprint(compiled) -> int:
 def measure(name: str, peak: float) -> dict[str, dict[str, float]]:
   """Per variant: examples/s, step time, model GFLOP/s and MFU of one case."""
   c = case_config(name)
-  exp = train.build_experiment(c)
+  exp = experiment.build_experiment(c)
   batches = [
     sharding.global_batch(exp.mesh, exp.dataset.train_batch(i)) for i in range(_STEPS.value)
   ]

@@ -69,7 +69,7 @@ def jax_step(conv_impl: str, variant: str):
   import jax
   from step_time_xla import VARIANTS
 
-  from sift_jax import config_lib, hostmem, sharding, train
+  from sift_jax import config_lib, experiment, hostmem, sharding
 
   hostmem.keep_freed_memory()  # as the trainer does on CPU
   c = config_lib.load_config(os.path.join(REPO, 'configs/resnet18_cifar100.py'), 'local')
@@ -77,7 +77,7 @@ def jax_step(conv_impl: str, variant: str):
   c.model.conv_impl = conv_impl
   c.batch_size = _BATCH.value
   c.total_steps = 10**6  # keeps every step inside the schedule's warm part
-  exp = train.build_experiment(c)
+  exp = experiment.build_experiment(c)
   batches = [
     sharding.global_batch(exp.mesh, exp.dataset.train_batch(i)) for i in range(_STEPS.value)
   ]

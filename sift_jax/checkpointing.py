@@ -12,6 +12,10 @@ checkpoint can go bad, and what happens to each:
   checkpoint is never visible without them. Restoring verifies them first.
 - Unreadable for any other reason (orbax raises).
 
+A save that fails (a full disk, say) stops the run at the next step boundary (`check_save`),
+not at the next save, so no steps are trained that no checkpoint can hold; the previous
+checkpoint stays the last, and the failed save's temporary folder is moved aside on rerun.
+
 A bad checkpoint is reported and moved to `workdir/checkpoints_corrupt/<step>` (never deleted)
 once an older one restores; when none restores, nothing is moved and the run stops with an
 error. All processes agree on the verdict before anyone moves on. A checkpoint whose shapes do
@@ -41,12 +45,12 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from sift_jax import errors
+from sift_jax.workdir import CORRUPT, DIVERGED
 
 MANIFEST = 'sha256.json'
 # Files orbax (re)writes after its post-finalization hook, so they cannot be sealed.
 _UNSEALED = (MANIFEST, '_CHECKPOINT_METADATA', 'commit_success.txt')
 _TMP_SUFFIX = '.orbax-checkpoint-tmp'
-SET_ASIDE = ('checkpoints_corrupt', 'checkpoints_diverged')
 
 
 class CheckpointMismatchError(errors.UserError):
@@ -55,6 +59,10 @@ class CheckpointMismatchError(errors.UserError):
 
 class NoReadableCheckpointError(errors.UserError):
   """Checkpoints exist but none can be restored."""
+
+
+class SaveFailedError(errors.UserError):
+  """An asynchronous save failed for a reason other than an unwritable workdir."""
 
 
 class _DropWriteErrorTracebacks(std_logging.Filter):
@@ -78,7 +86,8 @@ class Checkpointer:
     self.directory = os.path.join(self.workdir, 'checkpoints')
     self.keep = keep
     std_logging.getLogger('absl').addFilter(_QUIET)  # adding it again is a no-op
-    self._pending: int | None = None
+    self._pending: int | None = None  # the step of the latest save
+    self._in_flight = False  # whether that save may still be running (or failed unseen)
     self._confirmed: int | None = None  # the newest step known to hold a healthy state
     self._set_aside_incomplete()
     self._manager = ocp.CheckpointManager(
@@ -98,12 +107,33 @@ class Checkpointer:
     """Starts a collective asynchronous save (every process calls it with the same step)."""
     self.wait()  # one save in flight: the seal knows its step
     self._pending = step
+    self._in_flight = True
     self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
 
   def wait(self) -> None:
     """Waits for the save in flight, then applies keep-last-N."""
-    self._manager.wait_until_finished()
+    self._finish()
     self._prune()
+
+  def check_save(self) -> None:
+    """Raises the error of a save that has failed; never blocks. Called at every step boundary,
+    so a failed save stops the run one step after it failed."""
+    if self._in_flight and not self._manager.is_saving_in_progress():
+      self._finish()
+
+  def _finish(self) -> None:
+    """Waits for the save in flight; raises its error, as one line for a user to act on."""
+    self._in_flight = False
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      if errors.workdir_error(e, self.workdir):  # the trainer names the path and the remedy
+        raise
+      last = [s for s in self.steps() if s != self._pending]
+      raise SaveFailedError(
+        f'saving checkpoint {self._pending} in {self.directory} failed ({_one_line(e)}); '
+        f'the last good checkpoint is {last[-1] if last else "none"}: rerun to resume from it'
+      ) from e
 
   def confirm(self, step: int) -> None:
     """Marks the state of `step` healthy: the newest checkpoint at or before it is kept."""
@@ -113,7 +143,7 @@ class Checkpointer:
     """Moves the checkpoints newer than the newest confirmed one to checkpoints_diverged/."""
     self._manager.wait_until_finished()
     moved = [
-      self._set_aside(s, 'checkpoints_diverged')
+      self._set_aside(s, DIVERGED)
       for s in self.steps()
       if self._confirmed is None or s > self._confirmed
     ]
@@ -159,7 +189,7 @@ class Checkpointer:
         problem = _agreed(problem)
       if not problem:
         for bad, why in failures:
-          moved = self._set_aside(bad, 'checkpoints_corrupt')
+          moved = self._set_aside(bad, CORRUPT)
           logging.error(
             'checkpoint %s/%d is bad (%s); moved it to %s', self.directory, bad, why, moved
           )

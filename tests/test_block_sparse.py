@@ -16,7 +16,7 @@ import scipy.sparse
 from test_sparsity import Harness
 from test_train import assert_trees_equal, final_params, read_jsonl, tiny_config
 
-from sift_jax import config_lib, models, sharding, sparse_layers, sparsity, train
+from sift_jax import config_lib, experiment, models, sharding, sparse_layers, sparsity, train
 from sift_jax.sift import sizes
 from sift_jax.sparse_layers import block_dense
 from sift_jax.sparsity import blocked, gse, select
@@ -570,7 +570,7 @@ def test_trainer_refuses_block_sparse_convolutions():
   c = tiny_config('resnet', 'local,sparsity=0.5,rule=static')
   c.sparsity.execution = 'block_sparse'
   with pytest.raises(ValueError, match=r'Dense \(2-D\) kernels only; .*conv.*unsupported'):
-    train.build_experiment(c)
+    experiment.build_experiment(c)
 
 
 def dense_weight_dots(hlo: str, shape: tuple[int, int]) -> list[str]:
@@ -592,7 +592,7 @@ def test_compiled_block_sparse_step_has_no_dot_of_the_full_weight(rule):
   found = {}
   for execution in ('masked', 'block_sparse'):
     c = block_run_config(execution, rule=rule)
-    exp = train.build_experiment(c)
+    exp = experiment.build_experiment(c)
     batch = sharding.global_batch(exp.mesh, exp.dataset.train_batch(0))
     hlo = exp.train_step().lower(exp.new_state(), batch).compile().as_text()
     found[execution] = dense_weight_dots(hlo, (64, 32))  # hidden_0/kernel, the sparse layer

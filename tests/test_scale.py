@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 from jax.sharding import SingleDeviceSharding  # noqa: E402
 from test_train import assert_trees_equal, final_params, read_jsonl, tiny_config  # noqa: E402
 
-from sift_jax import config_lib, errors, launch, sharding, train  # noqa: E402
+from sift_jax import config_lib, errors, experiment, launch, sharding, train  # noqa: E402
 from sift_jax.sparsity.plan import path_of  # noqa: E402
 
 # The `local` GPT with RigL: masks change at steps 2 and 4 of 6.
@@ -53,8 +53,8 @@ def scale_config(fsdp: int = 1):
 def config_flags(c) -> list[str]:
   """The command-line flags that turn `gpt_small_dense.py:local` into `c` (for the launcher)."""
   path = os.path.join(REPO, 'configs', 'gpt_small_dense.py')
-  base = train.flatten(json.loads(config_lib.load_config(path, 'local').to_json()))
-  flat = train.flatten(json.loads(c.to_json()))
+  base = config_lib.flatten(json.loads(config_lib.load_config(path, 'local').to_json()))
+  flat = config_lib.flatten(json.loads(c.to_json()))
   return [f'--config={path}:local'] + [
     f'--config.{k}={v}' for k, v in sorted(flat.items()) if v != base.get(k)
   ]
@@ -118,7 +118,7 @@ def worker(mode: str, out: str, fsdps: list[int]) -> None:
   results = {}
   one = SingleDeviceSharding(jax.devices()[0])
   for fsdp in fsdps:
-    exp = train.build_experiment(scale_config(fsdp))
+    exp = experiment.build_experiment(scale_config(fsdp))
     state = exp.new_state()
     check_layout(state, exp.rule)
     layouts = {f'fsdp{fsdp}': exp.state_shardings()}

@@ -12,7 +12,7 @@ import sys
 import jax
 import pytest
 
-from sift_jax import config_lib, models, train
+from sift_jax import config_lib, experiment, models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def test_flops_cli_describes_the_model_the_trainer_builds(tmp_path):
   out = python(
     '-m', 'sift_jax.model_report', '--config=configs/gpt_small_wide.py:local', cwd=tmp_path
   )
-  exp = train.build_experiment(config_lib.load_config('configs/gpt_small_wide.py', 'local'))
+  exp = experiment.build_experiment(config_lib.load_config('configs/gpt_small_wide.py', 'local'))
   params = sum(leaf.size for leaf in jax.tree.leaves(exp.abstract_state.params))
   assert f'params: {params:,}' in out.stdout
   ratio = exp.sift_flops.forward / exp.sift_flops.dense_forward

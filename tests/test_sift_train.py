@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_train import final_params, tiny_config
 
-from sift_jax import models, train
+from sift_jax import experiment, models, train
 from sift_jax.models.layers import sparse_kernel_paths
 
 
@@ -45,7 +45,7 @@ def test_member_trains_and_keeps_masks_exact(tmp_path, family, member, rule):
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(summary['train/loss'])
 
-  meta = train.build_experiment(c).dataset.meta
+  meta = experiment.build_experiment(c).meta
   variables = models.abstract_variables(models.build_model(c, meta), c, meta)
   paths = sparse_kernel_paths(variables)
   densities = summary['sparsity/layer_density']

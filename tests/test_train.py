@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sift_jax import config_lib, errors, train
+from sift_jax import config_lib, errors, health, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
   c = tiny_config()
   c.checkpoint_every_steps = 1
   c.optim.lr = 1e30  # step 1 is finite, its update blows the weights up
-  with pytest.raises(train.NonFiniteLossError, match=r'step \d+: train/loss='):
+  with pytest.raises(health.NonFiniteLossError, match=r'step \d+: train/loss='):
     train.train_and_evaluate(c, str(tmp_path))
   # Checkpoint 1 holds the weights whose loss is NaN: set aside, not left as the latest.
   assert os.listdir(tmp_path / 'checkpoints') == []
@@ -168,9 +168,9 @@ def test_non_finite_loss_stops_before_saving(tmp_path):
   [
     ({'total_steps': -5}, 'total_steps=-5'),
     ({'batch_size': 0}, 'batch_size=0'),
-    ({'model.name': 'transformer'}, "unknown model 'transformer'"),
-    ({'data.name': 'mnist'}, "unknown dataset 'mnist'"),
-    ({'optim.name': 'lion'}, "unknown optimizer 'lion'"),
+    ({'model.name': 'transformer'}, "model.name='transformer' is unknown"),
+    ({'data.name': 'mnist'}, "data.name='mnist' is unknown"),
+    ({'optim.name': 'lion'}, "optim.name='lion' is unknown"),
     ({'optim.grad_accum_steps': 3}, 'grad_accum_steps=3'),
     ({'optim.schedule': 'linear'}, "unknown optim.schedule 'linear'"),
   ],
@@ -183,6 +183,33 @@ def test_bad_config_values_name_the_value(tmp_path, override, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(c, str(tmp_path))
   assert not os.path.exists(tmp_path / 'checkpoints' / '3')
+
+
+@pytest.mark.parametrize(
+  'key, value',
+  [
+    ('model.name', 'mlpp'),
+    ('sparsity.rule', 'rigll'),
+    ('sift.name', 'wid'),
+    ('sparsity.distribution', 'erk2'),
+  ],
+)
+def test_a_misspelt_name_is_refused_before_data_loads_and_leaves_no_folder(
+  tmp_path, monkeypatch, key, value
+):
+  from sift_jax import data
+
+  def no_data(*args, **kwargs):
+    raise AssertionError('the data was loaded before the names were checked')
+
+  monkeypatch.setattr(data, 'build_dataset', no_data)
+  c = tiny_config()
+  group, leaf = key.split('.')
+  c[group][leaf] = value
+  workdir = tmp_path / 'runs' / 'new'
+  with pytest.raises(config_lib.ConfigError, match=f"{key}='{value}' is unknown; known: "):
+    train.train_and_evaluate(c, str(workdir))
+  assert not (tmp_path / 'runs').exists()
 
 
 def test_grad_accumulation_matches_the_full_batch(tmp_path):
@@ -225,7 +252,7 @@ def test_main_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path):
     cwd=REPO,
   )
   assert out.returncode == 2, out.stderr[-2000:]
-  assert "error: unknown dataset 'mnist'; known:" in out.stderr
+  assert "error: data.name='mnist' is unknown; known:" in out.stderr
   assert 'Traceback' not in out.stderr
 
 
@@ -432,7 +459,7 @@ def test_divergence_without_nan_stops_and_keeps_the_last_good_checkpoint(tmp_pat
   c.total_steps = 12
   c.log_every_steps = c.checkpoint_every_steps = 1
   c.checkpoint.keep = 1
-  with pytest.raises(train.NonFiniteLossError, match=r'step 3: train/loss=36\d.* divergence limit'):
+  with pytest.raises(health.NonFiniteLossError, match=r'step 3: train/loss=36\d.* divergence limit'):
     train.train_and_evaluate(c, str(tmp_path))
   # Checkpoint 2 was saved with the weights that gave loss 364: set aside, 1 kept despite keep=1.
   assert os.listdir(tmp_path / 'checkpoints') == ['1']
@@ -448,7 +475,7 @@ def test_eval_of_a_non_finite_state_fails(tmp_path, monkeypatch):
   monkeypatch.setattr(
     train, 'evaluate', lambda *a: {'eval/loss': float('nan'), 'eval/accuracy': 0.1}
   )
-  with pytest.raises(train.NonFiniteLossError, match=r'eval/loss=nan at step 6'):
+  with pytest.raises(health.NonFiniteLossError, match=r'eval/loss=nan at step 6'):
     train.train_and_evaluate(c, str(tmp_path), mode='eval')
 
 
