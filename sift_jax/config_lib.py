@@ -33,9 +33,9 @@ class ConfigError(UserError, ValueError):
 
 
 SHORT_FORMS = ('sift', 'sparsity', 'rule', 'seed')
-
 FLAG_ARGS = ('local', 'smoke')  # `smoke` is `local` cut to SMOKE_STEPS
 SMOKE_STEPS = 30  # a first run through every part of the loop in about 30 s on a CPU
+
 # Keys that only say how long a run is or how often it reports; a resumed run may change them.
 RUN_LENGTH_KEYS = (
   'total_steps',
@@ -179,6 +179,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # True: join a cluster (auto-detected on TPU pods, SLURM)
   c.distributed.coordinator_address = ''  # host:port of process 0
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  return c
 
 
 def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
@@ -190,10 +193,6 @@ def shrink_to_smoke(c: ml_collections.ConfigDict) -> None:
   c.optim.warmup_steps = min(c.optim.warmup_steps, SMOKE_STEPS)
   c.sparsity.start_step = 0
   c.sparsity.update_every_steps = c.sparsity.topkast_every_steps = SMOKE_STEPS // 3
-
-  c.distributed.num_processes = 0
-  c.distributed.process_id = -1
-  return c
 
 
 def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool]) -> None:
