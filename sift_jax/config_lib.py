@@ -82,24 +82,24 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
 def base_config() -> ml_collections.ConfigDict:
   """Defaults shared by every experiment family; each config file overrides what differs."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.total_steps = 1000
+  c.seed = 0  # seeds the params, masks, data order and dropout
+  c.total_steps = 1000  # optimizer steps of the run (the schedules are functions of it)
   c.batch_size = 128  # global, over all devices and hosts
-  c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  c.log_every_steps = 50  # a metrics.jsonl row and a progress line every N steps
+  c.eval_every_steps = 500  # evaluate every N steps (and at the last step)
+  c.checkpoint_every_steps = 500  # save a checkpoint every N steps (and at the last step)
   c.progress = True  # one progress line per log step on stdout
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'mlp'
+  c.model.name = 'mlp'  # a registered model: mlp | resnet | gpt | resnet_cifar | vgg
   c.model.remat = False  # GPT: rematerialise block activations (GPU/TPU; no effect on XLA:CPU)
   c.model.dtype = 'float32'  # compute dtype; 'bfloat16' on GPU/TPU (params stay float32)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'digits'
+  c.data.name = 'digits'  # a registered dataset (docs/design.md, Data)
   c.data.dir = ''  # '' = $SIFT_DATA_DIR, else the user cache folder
   c.data.train_files = ''  # text_files: comma-separated glob patterns
-  c.data.eval_files = ''
+  c.data.eval_files = ''  # text_files: comma-separated glob patterns of the eval split
   c.data.seq_len = 0  # text: tokens per example (0 = the model's context length)
   c.data.augment = True  # images: the dataset's standard training augmentation
   c.data.max_bytes = 20_000_000  # python_stdlib: corpus cap (about 1 s to load)
@@ -118,18 +118,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 0  # > 0: linear warmup over this many steps (wins over the fraction)
   c.optim.warmup_fraction = 0.0  # warmup over this fraction of total_steps (the papers' form)
   c.optim.decay_fractions = (0.3, 0.6, 0.8)  # multistep: where lr is multiplied by decay_factor
-  c.optim.decay_factor = 0.2
+  c.optim.decay_factor = 0.2  # multistep: lr factor at each decay fraction
   c.optim.end_lr = 0.0  # cosine: final learning rate
   c.optim.momentum = 0.9  # sgd
-  c.optim.nesterov = False
+  c.optim.nesterov = False  # sgd: Nesterov momentum
   c.optim.b1 = 0.9  # adamw
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
+  c.optim.b2 = 0.999  # adamw: second-moment decay
+  c.optim.eps = 1e-8  # adamw: denominator epsilon
+  c.optim.weight_decay = 0.0  # decoupled (adamw) or coupled, before momentum (sgd)
   c.optim.decay_norm_and_bias = True  # False: no weight decay on BatchNorm/LayerNorm and biases
   c.optim.clip_norm = 0.0  # global gradient norm clip; 0 = off
-  c.optim.label_smoothing = 0.0
-  c.optim.grad_accum_steps = 1
+  c.optim.label_smoothing = 0.0  # smoothed one-hot targets of the loss, in [0, 1)
+  c.optim.grad_accum_steps = 1  # microbatches per step, gradients accumulated before the update
 
   c.sparsity = ml_collections.ConfigDict()
   c.sparsity.rule = 'dense'  # dense | static | set | rigl | topkast | gse | gmp
@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.sparsity.backward_level = 0.0  # Top-KAST backward-set sparsity (<= level)
   c.sparsity.distribution = 'uniform'  # uniform | erk
   c.sparsity.update_every_steps = 100  # dT
-  c.sparsity.start_step = 0
+  c.sparsity.start_step = 0  # mask updates at start_step + k * update_every_steps, k >= 1
   c.sparsity.end_fraction = 0.75  # updates stop at this fraction of total_steps
   c.sparsity.drop_fraction = 0.3  # f_0
   c.sparsity.drop_schedule = 'cosine'  # constant | cosine | exponential (f_t from f_0)
@@ -171,7 +171,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = every device not used by fsdp
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1  # devices each param is sharded over (a divisor of the devices per host)
   c.mesh.fsdp_min_size = 2**14  # state leaves with fewer elements stay replicated
 
   # Multi-host: jax.distributed.initialize() before any device is touched. Values left at
@@ -179,8 +179,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False  # True: join a cluster (auto-detected on TPU pods, SLURM)
   c.distributed.coordinator_address = ''  # host:port of process 0
-  c.distributed.num_processes = 0
-  c.distributed.process_id = -1
+  c.distributed.num_processes = 0  # hosts in the cluster (0 = from the environment)
+  c.distributed.process_id = -1  # this host's index (-1 = from the environment)
   return c
 
 
