@@ -267,3 +267,67 @@ def test_list_valued_settings_group_like_any_other(tmp_path):
   lines = out['table'].splitlines()
   assert lines[2].startswith('| (64, 64) | 2 | 0.8640 |')  # numbers in order, not as text
   assert lines[3].startswith('| (128, 128) | 2 | 0.9280 |')
+
+
+@pytest.mark.parametrize(
+  ('setting', 'expected'),
+  [
+    (
+      {'sift.name': 'wide', 'sparsity.rule': 'rigl', 'sparsity.level': 0.75},
+      'wide / rigl / s=0.75',
+    ),
+    ({'sift.name': 'dense', 'sparsity.rule': 'dense', 'sparsity.level': 0.0}, 'dense'),
+    (
+      {'sparsity.rule': 'dense', 'sparsity.level': 0.0, 'sparsity.backward_level': 0.0},
+      'dense, backward_level=0.0',
+    ),
+    ({'sparsity.rule': 'gmp', 'sparsity.level': 0.9}, 'gmp / s=0.9'),
+    ({'sift.name': 'dense', 'model.hidden': (1576, 1576)}, 'dense, hidden=(1576, 1576)'),
+    ({'sift.name': 'wide', 'sparsity.block_shape': (16, 16)}, 'wide, block_shape=(16, 16)'),
+    ({}, 'all runs'),
+  ],
+)
+def test_legend_labels_are_member_rule_level(setting, expected):
+  assert report.short_label(setting) == expected
+
+
+def test_one_colour_per_setting_and_one_marker_per_member_rule_line():
+  settings = [
+    {'sift.name': sift, 'sparsity.rule': rule, 'sparsity.level': level}
+    for sift, rule, level in SETTINGS
+  ]
+  colors = report.Colors(list(reversed(settings)))
+  assert report.Colors(settings)(settings[1]) == colors(settings[1])  # not by order of rows
+  assert len({colors(s) for s in settings}) == len(settings)
+  wide_05, wide_075 = settings[1], settings[2]
+  assert colors.marker(wide_05) == colors.marker(wide_075) != colors.marker(settings[3])
+
+
+@pytest.mark.parametrize(
+  ('values', 'log'),
+  [([1e6, 9e6], False), ([1e6, 1.1e7], True), ([2e5, 2e5], False), ([], False)],
+)
+def test_a_flops_axis_is_logarithmic_past_a_decade(values, log):
+  assert report.log_scale(values) is log
+
+
+def test_points_at_equal_flops_move_apart_and_others_stay():
+  x = report.spread([100.0, 100.0, 101.0, 200.0], log=False)
+  assert x[3] == 200.0  # alone: where it is
+  assert len({x[0], x[1], x[2]}) == 3 and np.mean(x[:3]) == pytest.approx(100.0 + 1 / 3)
+  assert max(x[:3]) - min(x[:3]) < 0.05 * 100  # a nudge, not a move
+  logged = report.spread([1e3, 1e3, 1e5], log=True)
+  assert logged[0] < 1e3 < logged[1] and logged[2] == pytest.approx(1e5)
+
+
+def test_no_sparsity_plot_for_a_single_level_study(tmp_path):
+  for (sift, rule, level), base in SETTINGS.items():
+    if level != 0.75:
+      for seed in range(2):
+        write_run(tmp_path / 'runs' / f'{sift}_{level}_{seed}', sift, rule, level, seed, base)
+  out = report.write_report(str(tmp_path / 'runs'), str(tmp_path / 'out'))
+  assert 'metric_vs_sparsity.png' not in out['plots']
+  assert not (tmp_path / 'out' / 'metric_vs_sparsity.png').exists()
+  assert set(out['plots']) == set(report.PLOTS) - {'metric_vs_sparsity.png'}
+  for name in out['plots']:
+    assert (tmp_path / 'out' / name).stat().st_size > 20_000

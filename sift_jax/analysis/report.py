@@ -30,7 +30,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,9 @@ from sift_jax.workdir import BOOKKEEPING_KEYS
 IGNORED_PREFIXES = ('seed', 'data.dir', *BOOKKEEPING_KEYS)
 # Setting keys first in this order, with their short names in labels.
 SHORT_NAMES = {'sift.name': 'sift', 'sparsity.rule': 'rule', 'sparsity.level': 's'}
+# What tables and plots call sift.name 'dense' (no Sparse-IFT transformation) on a sparse model,
+# so a sparse narrow model is never read as the dense one; configs and results.csv keep 'dense'.
+NO_SIFT = 'none'
 TOKEN_UNITS = {
   'python_stdlib': 'byte',
   'tiny_shakespeare': 'char',
@@ -143,15 +146,38 @@ def setting_keys(runs: Sequence[dict[str, Any]]) -> list[str]:
     if not k.startswith(IGNORED_PREFIXES)
     and len({json.dumps(r['config'].get(k)) for r in runs}) > 1
   ]
+  if 'sift.name' in varying and any(
+    sparse(r['config']) for r in runs if not transformed(r['config'])
+  ):
+    # Untransformed runs that are sparse: their labels need the rule and level to say so.
+    varying += [k for k in ('sparsity.rule', 'sparsity.level') if k in keys and k not in varying]
   first = [k for k in SHORT_NAMES if k in varying]
   return first + sorted(k for k in varying if k not in SHORT_NAMES)
+
+
+def sparse(setting: Mapping[str, Any]) -> bool:
+  """Whether a setting (or flat config) trains masks: a sparsity level or a sparse rule."""
+  return bool(setting.get('sparsity.level')) or setting.get('sparsity.rule', 'dense') != 'dense'
+
+
+def transformed(setting: Mapping[str, Any]) -> bool:
+  """Whether a setting (or flat config) names a Sparse-IFT member."""
+  return setting.get('sift.name', 'dense') != 'dense'
+
+
+def shown(key: str, value: Any, setting: Mapping[str, Any]) -> str:
+  """A setting's value as tables and plots show it (NO_SIFT for an untransformed sparse model)."""
+  if key == 'sift.name' and value == 'dense' and sparse(setting):
+    return NO_SIFT
+  return str(value)
 
 
 def label(setting: dict[str, Any]) -> str:
   if not setting:
     return 'all runs'
   return ', '.join(
-    f'{SHORT_NAMES.get(k, k.removeprefix("sparsity."))}={v}' for k, v in setting.items()
+    f'{SHORT_NAMES.get(k, k.removeprefix("sparsity."))}={shown(k, v, setting)}'
+    for k, v in setting.items()
   )
 
 
@@ -301,7 +327,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], metric: 
     ('train/step_time_s', lambda x: f'{1000 * x:.1f}'),
   )
   for setting, members in group(rows, keys).items():
-    cells = [str(v) for v in setting] + [str(len(members))]
+    named = dict(zip(keys, setting, strict=True))
+    cells = [shown(k, v, named) for k, v in named.items()] + [str(len(members))]
     cells += [pm(*mean_std([m[c] for m in members]), fmt) for c, fmt in columns]
     lines.append('| ' + ' | '.join(cells) + ' |')
   unfinished = sum(not r['finished'] for r in rows)
@@ -333,86 +360,166 @@ def _save(fig, ax, path: str) -> None:
   fig.savefig(path)
 
 
+def log_scale(values: Sequence[float]) -> bool:
+  """Whether FLOPs on an axis span more than a decade (a linear axis squeezes the small ones)."""
+  v = [x for x in values if x > 0 and math.isfinite(x)]
+  return bool(v) and max(v) / min(v) > 10
+
+
 def _flops_axis(ax, values: Sequence[float]) -> None:
-  """FLOP ticks with SI prefixes (200k, 2M), on a log scale when they span over 20x."""
+  """FLOP ticks with SI prefixes (200k, 2M), on a log scale where `values` span over a decade."""
   from matplotlib.ticker import EngFormatter, MaxNLocator
 
-  v = [x for x in values if x > 0 and math.isfinite(x)]
-  if v and max(v) / min(v) > 20:
+  if log_scale(values):
     ax.set_xscale('log')
   else:
     ax.xaxis.set_major_locator(MaxNLocator(5))
   ax.xaxis.set_major_formatter(EngFormatter(sep=''))
 
 
-class Colors:
-  """One colour per setting label, the same in every plot of a report."""
+def short_label(setting: dict[str, Any]) -> str:
+  """A legend label: member / rule / s (just 'dense' for the dense model), then any other
+  setting key by its last name ('hidden=(1576, 1576)', 'block_shape=(16, 16)')."""
+  member = setting.get('sift.name')
+  rule = setting.get('sparsity.rule')
+  level = setting.get('sparsity.level')
+  dense = (member == 'dense' or (member is None and rule == 'dense')) and not sparse(setting)
+  if dense:
+    head = ['dense']
+  else:
+    head = [f'sift={shown("sift.name", member, setting)}'] * (member == 'dense')
+    head += [str(member)] * (member not in (None, 'dense'))
+  if rule is not None and rule != 'dense':
+    head.append(str(rule))
+  if level is not None and not (dense and not level):
+    head.append(f's={level}')
+  rest = [f'{k.rsplit(".", 1)[-1]}={v}' for k, v in setting.items() if k not in SHORT_NAMES]
+  return ', '.join([' / '.join(head), *rest] if head else rest) or 'all runs'
 
-  def __init__(self, labels: Sequence[str]):
+
+def line_key(setting: dict[str, Any]) -> dict[str, Any]:
+  """A setting without its sparsity level: the member/rule line it lies on over the levels."""
+  return {k: v for k, v in setting.items() if k != 'sparsity.level'}
+
+
+MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>', 'h', 'p')
+
+
+class Colors:
+  """One colour per setting and one marker per member/rule line (the setting without its level),
+  the same in every plot of a report; settings are named by short_label."""
+
+  def __init__(self, settings: Sequence[dict[str, Any]]):
     import matplotlib
 
-    names = sorted(set(labels))
+    names = sorted({short_label(s) for s in settings})
+    lines = sorted({short_label(line_key(s)) for s in settings})
     cmap = matplotlib.colormaps['tab10' if len(names) <= 10 else 'tab20']
     self._colors = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    self._markers = {n: MARKERS[i % len(MARKERS)] for i, n in enumerate(lines)}
 
-  def __call__(self, name: str):
-    return self._colors[name]
+  def __call__(self, setting: dict[str, Any]):
+    return self._colors[short_label(setting)]
+
+  def marker(self, setting: dict[str, Any]) -> str:
+    return self._markers[short_label(line_key(setting))]
+
+
+def spread(xs: Sequence[float], log: bool, step: float = 0.015) -> list[float]:
+  """xs with points that lie within 2% of each other moved apart by `step` of the axis' span
+  (in decades on a log axis) around their place, so equal-FLOPs settings do not hide each other."""
+  x = np.asarray(xs, float)
+  pos = np.log10(x) if log else x
+  span = (np.ptp(pos) if len(pos) > 1 else 0.0) or (1.0 if log else abs(pos[0]) or 1.0)
+  out = pos.copy()
+  order = np.argsort(pos, kind='stable')
+  clusters: list[list[int]] = []
+  for i in order:
+    if clusters and abs(x[i] - x[clusters[-1][0]]) <= 0.02 * abs(x[clusters[-1][0]]):
+      clusters[-1].append(i)
+    else:
+      clusters.append([i])
+  for members in clusters:
+    for j, i in enumerate(members):
+      out[i] = pos[i] + step * span * (j - (len(members) - 1) / 2)
+  return list(10**out if log else out)
 
 
 def plot_metric_vs_flops(rows, keys, metric, ylabel, path, colors: Colors) -> None:
   fig, ax = _figure(f'final {metric} vs training FLOPs per example (mean ± std over seeds)')
-  xs = []
+  points = []
   for setting, members in group(rows, keys).items():
-    name = label(dict(zip(keys, setting, strict=True)))
+    s = dict(zip(keys, setting, strict=True))
     x, xe = mean_std([m['flops/train_per_example_run_mean'] for m in members])
     y, ye = mean_std([m[metric] for m in members])
+    points.append((s, x, xe, y, ye))
+  xs = [p[1] for p in points]
+  shifted = spread(xs, log_scale(xs)) if points else []
+  for (s, _, xe, y, ye), x in zip(points, shifted, strict=True):
     ax.errorbar(
       x,
       y,
       yerr=np.nan_to_num(ye),
       xerr=np.nan_to_num(xe),
-      fmt='o',
+      fmt=colors.marker(s),
       ms=7,
       capsize=3,
-      color=colors(name),
-      label=name,
+      color=colors(s),
+      label=short_label(s),
     )
-    xs.append(x)
   _flops_axis(ax, xs)
-  ax.set_xlabel('training FLOPs per example, mean over the run (FLOPs)')
+  ax.set_xlabel(
+    'training FLOPs per example, mean over the run (FLOPs; points within 2% moved apart slightly)'
+  )
   ax.set_ylabel(ylabel)
   _save(fig, ax, path)
 
 
+def several_levels(rows, keys) -> bool:
+  """Whether some member/rule line has finished settings at two or more sparsity levels: only
+  then does a plot over the sparsity level show more than the FLOPs plot does."""
+  if 'sparsity.level' not in keys:
+    return False
+  levels: dict[str, set] = {}
+  for setting in group(rows, keys):
+    s = dict(zip(keys, setting, strict=True))
+    levels.setdefault(short_label(line_key(s)), set()).add(s['sparsity.level'])
+  return any(len(v) > 1 for v in levels.values())
+
+
 def plot_metric_vs_sparsity(rows, keys, metric, ylabel, path, colors: Colors) -> None:
-  """One line per member/rule (and any other setting key) over the sparsity level; settings at
-  s = 0 alone on their line (dense) are drawn as a dashed reference across the plot."""
+  """One line per member/rule (and any other setting key) over the sparsity level, in its
+  marker, each point in its setting's colour; settings at s = 0 alone on their line (dense) are
+  drawn as a dashed reference across the plot."""
   fig, ax = _figure(f'final {metric} vs sparsity (mean ± std over seeds)')
-  others = [k for k in keys if k != 'sparsity.level']
-  lines: dict[tuple, list[tuple[float, float, float]]] = {}
+  lines: dict[str, list[tuple[float, float, float, dict]]] = {}
   for setting, members in group(rows, keys).items():
     s = dict(zip(keys, setting, strict=True))
-    level = float(members[0]['sparsity.level'] or 0.0)
-    lines.setdefault(tuple(s[k] for k in others), []).append(
-      (level, *mean_std([m[metric] for m in members]))
+    level = float(s['sparsity.level'] or 0.0)
+    lines.setdefault(short_label(line_key(s)), []).append(
+      (level, *mean_std([m[metric] for m in members]), s)
     )
-  for key, pts in lines.items():
-    pts.sort()
-    x, y, ye = (np.array(v, float) for v in zip(*pts, strict=True))
-    name = label(dict(zip(others, key, strict=True)))
-    line = dict(zip(others, key, strict=True))
-    color = colors(label({k: line.get(k, pts[0][0]) for k in keys}))  # its first setting's
-    if len(pts) == 1 and x[0] == 0:
-      ax.axhline(y[0], ls='--', lw=1.2, color=color, label=f'{name} (s=0)')
+  for i, (name, pts) in enumerate(lines.items()):
+    pts.sort(key=lambda p: p[0])
+    x, y, ye = (np.array(v, float) for v in list(zip(*pts, strict=True))[:3])
+    x += 0.006 * (i - (len(lines) - 1) / 2)  # lines apart, so points at one level stay visible
+    first = pts[0][3]
+    if len(pts) == 1 and pts[0][0] == 0:
+      ax.axhline(y[0], ls='--', lw=1.2, color=colors(first), label=f'{name} (s=0)')
       if np.isfinite(ye[0]):
-        ax.axhspan(y[0] - ye[0], y[0] + ye[0], color=color, alpha=0.12)
-    else:
+        ax.axhspan(y[0] - ye[0], y[0] + ye[0], color=colors(first), alpha=0.12)
+      continue
+    # The line in grey with its marker (the legend's entry), each point over it in its colour.
+    ax.plot(x, y, color='0.5', lw=1, marker=colors.marker(first), ms=7, label=name, zorder=1)
+    for xi, yi, ei, s in zip(x, y, ye, (p[3] for p in pts), strict=True):
       ax.errorbar(
-        x, y, yerr=np.nan_to_num(ye), marker='o', ms=7, capsize=3, color=color, label=name
+        xi, yi, yerr=np.nan_to_num(ei), fmt=colors.marker(s), ms=7, capsize=3, color=colors(s)
       )
   levels = [p[0] for pts in lines.values() for p in pts]
   ax.set_xlim(-0.02, max([*levels, 0.5]) + 0.05)
-  ax.set_xlabel('sparsity s (fraction of sparse weights that are zero)')
+  ax.set_xlabel(
+    'sparsity s (fraction of sparse weights that are zero); colours as in the other plots'
+  )
   ax.set_ylabel(ylabel)
   _save(fig, ax, path)
 
@@ -440,10 +547,10 @@ def eval_curves(runs, keys, metric) -> dict[tuple, tuple[np.ndarray, np.ndarray,
   return out
 
 
-def plot_band(ax, x: np.ndarray, values: np.ndarray, name: str, color) -> None:
+def plot_band(ax, x: np.ndarray, values: np.ndarray, name: str, color, marker: str = '.') -> None:
   """The mean over runs of `values` (runs, steps) against x, with a ±1 std band over seeds."""
   mean = values.mean(0)  # (steps,)
-  ax.plot(x, mean, marker='.', color=color, label=name)
+  ax.plot(x, mean, marker=marker, ms=4, color=color, label=name)
   if len(values) > 1:
     std = values.std(0, ddof=1)  # (steps,)
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
@@ -452,16 +559,18 @@ def plot_band(ax, x: np.ndarray, values: np.ndarray, name: str, color) -> None:
 def plot_curves(runs, keys, metric, ylabel, path, against: str, colors: Colors) -> None:
   what = 'step' if against == 'step' else 'cumulative training FLOPs'
   fig, ax = _figure(f'{metric} during training vs {what} (mean ± std over seeds)')
+  totals = []  # each setting's FLOPs at its last eval: the runs' spread decides the axis
   for setting, (steps, flops, values) in eval_curves(runs, keys, metric).items():
     if not len(steps):
       continue
-    name = label(dict(zip(keys, setting, strict=True)))
+    s = dict(zip(keys, setting, strict=True))
     x = steps if against == 'step' else flops
-    plot_band(ax, x, values, name, colors(name))
+    plot_band(ax, x, values, short_label(s), colors(s), colors.marker(s))
+    totals.append(flops[-1])
   if against == 'step':
     ax.set_xlabel('training step')
   else:
-    _flops_axis(ax, [])
+    _flops_axis(ax, totals)
     ax.set_xlabel('cumulative training FLOPs, all examples so far (FLOPs)')
   ax.set_ylabel(ylabel)
   _save(fig, ax, path)
@@ -521,8 +630,8 @@ def plot_spectral_curves(runs, keys, path, colors: Colors) -> None:
     for setting, (steps, _, values) in eval_curves(runs, keys, f'spectral/{k}').items():
       if not len(steps):
         continue
-      name = label(dict(zip(keys, setting, strict=True)))
-      plot_band(ax, steps, values, name, colors(name))
+      s = dict(zip(keys, setting, strict=True))
+      plot_band(ax, steps, values, short_label(s), colors(s), colors.marker(s))
     ax.set_title(k)
     ax.set_xlabel('training step')
     ax.set_ylabel(f'{k} (mean over sparse layers)')
@@ -567,9 +676,14 @@ def write_report(
   table += '\n' + compare.write_comparisons(rows, keys, key, baselines, out)
   with open(os.path.join(out, 'table.md'), 'w') as f:
     f.write(table)
-  colors = Colors([label({k: r[k] for k in keys}) for r in rows])
+  colors = Colors([{k: r[k] for k in keys} for r in rows])
+  plots = [p for p in PLOTS if p != 'metric_vs_sparsity.png' or several_levels(rows, keys)]
   plot_metric_vs_flops(rows, keys, key, ylabel, os.path.join(out, PLOTS[0]), colors)
-  plot_metric_vs_sparsity(rows, keys, key, ylabel, os.path.join(out, PLOTS[1]), colors)
+  sparsity_plot = os.path.join(out, PLOTS[1])
+  if PLOTS[1] in plots:
+    plot_metric_vs_sparsity(rows, keys, key, ylabel, sparsity_plot, colors)
+  elif os.path.exists(sparsity_plot):
+    os.remove(sparsity_plot)  # an earlier report's, from before the study had one level
   plot_curves(runs, keys, key, ylabel, os.path.join(out, PLOTS[2]), 'step', colors)
   plot_curves(runs, keys, key, ylabel, os.path.join(out, PLOTS[3]), 'flops', colors)
   spectral = spectral_table(runs, keys, key)
@@ -583,6 +697,7 @@ def write_report(
     'metric': key,
     'table': table,
     'spectral': spectral,
+    'plots': plots,
   }
 
 
@@ -599,7 +714,7 @@ def main(argv: list[str]) -> None:
     print(report['spectral'])
   print(
     f'{report["runs"]} runs; wrote results.csv, table.md, comparisons.csv, comparisons.md, '
-    f'{", ".join(PLOTS)} to '
+    f'{", ".join(report["plots"])} to '
     f'{_OUT.value or argv[1]}'
   )
 
@@ -608,6 +723,8 @@ if __name__ == '__main__':
   _OUT = flags.DEFINE_string('out', None, 'Folder for the outputs (default: the study folder).')
   _METRIC = flags.DEFINE_string('metric', None, 'Metric to report (default: accuracy or loss).')
   _BASELINE = flags.DEFINE_multi_string(
-    'baseline', ['dense'], 'Baseline spec(s) for comparisons.csv: dense or key=value,... (compare.py).'
+    'baseline',
+    ['dense'],
+    'Baseline spec(s) for comparisons.csv: dense or key=value,... (compare.py).',
   )
   app.run(main)
