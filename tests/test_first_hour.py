@@ -54,3 +54,39 @@ def test_the_smoke_run_of_the_main_job_finishes(tmp_path):
   summary = json.loads((tmp_path / 'run' / 'summary.json').read_text())
   assert last['step'] == config_lib.SMOKE_STEPS and summary['eval/loss'] < 4.0  # ln 256 = 5.5
   print(f'smoke run: {time.monotonic() - start:.1f} s wall')
+
+
+def write_run(folder, sift: str, rule: str, level: float, seed: int) -> None:
+  """The three files the report reads, for a 20-step image run."""
+  folder.mkdir(parents=True)
+  config = {'seed': seed, 'total_steps': 20, 'batch_size': 8, 'model': {'name': 'mlp'}}
+  config |= {'sift': {'name': sift}, 'sparsity': {'rule': rule, 'level': level}}
+  (folder / 'config.json').write_text(json.dumps(config))
+  rows = [{'step': s, 'train/loss': 1.0, 'eval/accuracy': 0.5 + seed / 100} for s in (10, 20)]
+  (folder / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  summary = {'eval/accuracy': 0.5 + seed / 100, 'eval/loss': 1.0, 'sparsity/density': 1 - level}
+  (folder / 'summary.json').write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize('levels_vary', [True, False])
+def test_an_untransformed_sparse_model_is_never_labelled_dense(tmp_path, levels_vary):
+  """sift.name 'dense' means no Sparse-IFT transformation: beside a sparsity the report calls it
+  sift=none, whether or not the sparsity varies across the study, and keeps 'dense' for the
+  dense model and in results.csv."""
+  from sift_jax.analysis import report
+
+  runs = [('dense', 'rigl', 0.5), ('wide', 'rigl', 0.5)]
+  runs += [('dense', 'dense', 0.0)] if levels_vary else []
+  for sift, rule, level in runs:
+    for seed in (0, 1):
+      write_run(tmp_path / 'runs' / f'{sift}-{rule}-{seed}', sift, rule, level, seed)
+  out = report.write_report(str(tmp_path))
+  assert out['setting_keys'][:3] == ['sift.name', 'sparsity.rule', 'sparsity.level']
+  table = out['table'].split('\n\n')[0]
+  assert '| none | rigl | 0.5 | 2 |' in table and '| wide | rigl | 0.5 | 2 |' in table
+  assert ('| dense | dense | 0.0 | 2 |' in table) == levels_vary
+  assert report.short_label(
+    {'sift.name': 'dense', 'sparsity.rule': 'rigl', 'sparsity.level': 0.5}
+  ) == ('sift=none / rigl / s=0.5')
+  assert report.label({'sift.name': 'dense', 'sparsity.level': 0.5}) == 'sift=none, s=0.5'
+  assert 'dense,rigl,0.5' in (tmp_path / 'results.csv').read_text()  # the config's own value
