@@ -241,6 +241,7 @@ def run_facts(state: TrainState, exp: Experiment) -> dict[str, Any]:
     'flops/train_per_example': train_flops(exp, layer_density, exp.config.total_steps),
     'sparsity/layer_density': {'/'.join(k): v for k, v in layer_density.items()},
     **sift_facts(exp.sift_flops),
+    **sparsity.plan.drift_facts(exp.rule.layers),  # layers whose density misses 1 - s
   }
 
 

@@ -134,6 +134,39 @@ def uniform_densities(
   return dict.fromkeys(paths, 1.0 - level)
 
 
+def plan_layers(
+  config: ml_collections.ConfigDict, variables: Mapping[str, Any], level: float
+) -> list[Any]:
+  """The sparse layers (sparsity.plan.Layer) the run's rule holds at sparsity `level`, planned as
+  make_rule plans them: distribution, overrides, blocks, and balanced K per block-column (always
+  under block-sparse execution), so their active counts are the masks' own. `variables` are the
+  model's (abstract) variables; a dense rule has none."""
+  from sift_jax.sparsity import plan  # the sparsity package sits above this module
+
+  s = config.sparsity
+  if s.rule == 'dense':
+    return []
+  return plan.make_plan(
+    variables['params'],
+    float(level),
+    s.distribution,
+    models.sparse_kernel_paths(variables),
+    s.overrides,
+    float(s.power_scale),
+    tuple(int(b) for b in s.block_shape),
+    balanced=bool(s.get('balanced', False)) or s.get('execution', 'masked') == 'block_sparse',
+  )
+
+
+def plan_densities(
+  model: nn.Module, config: ml_collections.ConfigDict, meta: Mapping[str, Any], level: float
+) -> dict[tuple[str, ...], float]:
+  """Each sparse kernel's density as its mask will have it at `level` (`plan_layers`): a balanced
+  or blocked plan's realised density, not 1 - level."""
+  layers = plan_layers(config, models.abstract_variables(model, config, meta), level)
+  return {tuple(layer.name.split('/')): layer.density for layer in layers}
+
+
 def format_table(report: FlopReport) -> str:
   """One line per layer (dense MFLOPs, density, MFLOPs) and the totals."""
   width = max(len(name) for name in report.per_layer)

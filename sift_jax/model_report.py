@@ -26,7 +26,7 @@ def describe(config: ml_collections.ConfigDict) -> str:
   meta = data.dataset_meta(config)
   model = models.build_model(config, meta)
   level = match.mask_level(config, meta)  # solved with sift.match_flops
-  densities = flops.uniform_densities(model, config, meta, level)
+  densities = flops.plan_densities(model, config, meta, level)  # as the masks realise them
   report = flops.count_forward_flops(model, config, meta, densities)
   lines = [flops.format_table(report), f'params: {models.count_params(model, config, meta):,}']
   if config.sift.name != 'dense':

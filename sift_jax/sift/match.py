@@ -5,13 +5,13 @@ attention scores grow with d_model), so the nominal s leaves the whole model off
 budget. The original code bisects the transformed layers' sparsity until whole-model forward
 FLOPs match within 0.1%. With the `uniform` distribution those FLOPs are affine in the common
 density d of the sparse kernels, F(d) = F_fixed + d * F_sparse, so the root is solved exactly
-instead; the exact per-layer counts round((1 - s) n) that the masks then use are checked to
-stay within the tolerance.
+instead; the per-layer counts the masks then realise (round((1 - s) n), or K per block-column of
+a balanced plan) are checked to stay within the tolerance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -32,12 +32,15 @@ def matched_level(
   sparse_paths: Sequence[tuple[str, ...]],
   sizes: Mapping[tuple[str, ...], int],
   target_flops: float,
+  densities_at: Callable[[float], Mapping[str, float]] | None = None,
 ) -> float:
   """The uniform sparsity of `sparse_paths` at which `report`'s model costs `target_flops`.
 
   `report` is the model's FLOP report (its densities are ignored), `sizes` the element count of
-  each sparse kernel (for the exact-count check). Raises ValueError when no sparsity in [0, 1)
-  reaches the target.
+  each sparse kernel. The solution is checked at the densities the masks realise:
+  `densities_at(level)` ({layer name: density}, a balanced or blocked plan's), by default the
+  exact counts round((1 - level) n) / n. Raises ValueError when no sparsity in [0, 1) reaches the
+  target.
   """
   names = ['/'.join(p) for p in sparse_paths]
   missing = sorted(set(names) - set(report.per_layer))
@@ -53,14 +56,18 @@ def matched_level(
       f'{fixed:.6g} and the sparse kernels {sparse:.6g} when dense'
     )
   density = (target_flops - fixed) / sparse
-  exact = fixed + sum(
-    report.per_layer[n].dense_flops * round(density * sizes[p]) / sizes[p]
-    for n, p in zip(names, sparse_paths, strict=True)
-  )
+  if densities_at is None:
+    realised = {
+      n: round(density * sizes[p]) / sizes[p] for n, p in zip(names, sparse_paths, strict=True)
+    }
+  else:
+    realised = densities_at(1.0 - density)
+  exact = fixed + sum(report.per_layer[n].dense_flops * realised.get(n, 1.0) for n in names)
   if abs(exact - target_flops) > TOLERANCE * target_flops:
     raise ValueError(
       f'the exact mask counts at density {density:.6g} give {exact:.6g} FLOPs, more than '
-      f'{TOLERANCE:.1%} off the target {target_flops:.6g}: the sparse kernels are too small'
+      f'{TOLERANCE:.1%} off the target {target_flops:.6g}: the sparse kernels are too small or '
+      'their blocks too coarse'
     )
   return 1.0 - density
 
@@ -92,7 +99,16 @@ def solve_level(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> f
   base = dense_config(config)
   target = flops.count_forward_flops(models.build_model(base, meta), base, meta).forward_dense
   report = flops.count_forward_flops(model, config, meta)
-  return matched_level(report, paths, sizes, target)
+  return matched_level(
+    report, paths, sizes, target, lambda level: layer_densities(config, variables, level)
+  )
+
+
+def layer_densities(
+  config: ml_collections.ConfigDict, variables: Mapping[str, Any], level: float
+) -> dict[str, float]:
+  """{'hidden_0/kernel': density} of the masks the rule plans at `level` (flops.plan_layers)."""
+  return {layer.name: layer.density for layer in flops.plan_layers(config, variables, level)}
 
 
 def mask_level(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> float:

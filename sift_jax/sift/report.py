@@ -6,8 +6,9 @@
 
 Two FLOP figures (docs/methods.md section 1): whole-model forward FLOPs, and the FLOPs of the transformed
 layers (every module a member built in place of a layer, `layers.is_unit`) against the dense
-layers they replace. Masks count at their exact active counts round((1 - s) n) / n, as the
-sparsity engine draws them.
+layers they replace. Masks count at the densities the sparsity engine realises: the exact
+active counts round((1 - s) n) / n, or K = round((1 - s) R) blocks in every block-column of a
+balanced plan (flops.plan_layers), which may miss 1 - s.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
-from collections.abc import Mapping, Sequence
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -82,15 +86,22 @@ def transformed_units(
 class _Shapes:
   """A model's dense FLOP report, its kernels' sizes, sparse kernels and transformed units."""
 
+  config: ml_collections.ConfigDict
+  variables: Mapping[str, Any]  # abstract
   report: flops.FlopReport
   sizes: dict[tuple[str, ...], int]
   sparse_paths: list[tuple[str, ...]]
   units: list[str]
 
-  def measure(self, level: float) -> tuple[int, int, float, float]:
-    """(params, active params, forward, transformed-layer FLOPs), sparse kernels at `level`."""
-    active = {p: int(round((1.0 - level) * self.sizes[p])) for p in self.sparse_paths}
-    density = {'/'.join(p): a / self.sizes[p] for p, a in active.items()}
+  def densities(self, level: float) -> dict[str, float]:
+    """{'hidden_0/kernel': density} of the masks the run's rule plans at `level`."""
+    return match.layer_densities(self.config, self.variables, level)
+
+  def measure(self, level: float | None) -> tuple[int, int, float, float]:
+    """(params, active params, forward, transformed-layer FLOPs), the sparse kernels at the
+    densities their masks realise at `level` (None: no masks)."""
+    layers = [] if level is None else flops.plan_layers(self.config, self.variables, level)
+    density = {layer.name: layer.density for layer in layers}
     forward = transformed = 0.0
     for name, layer in self.report.per_layer.items():
       f = layer.dense_flops * density.get(name, 1.0)
@@ -98,7 +109,7 @@ class _Shapes:
       if any(name.startswith(unit + '/') for unit in self.units):
         transformed += f
     params = sum(self.sizes.values())
-    return params, params - sum(self.sizes[p] - a for p, a in active.items()), forward, transformed
+    return params, params - sum(ly.size - ly.active for ly in layers), forward, transformed
 
 
 def _shapes(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> _Shapes:
@@ -106,6 +117,8 @@ def _shapes(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> _Shap
   variables = models.abstract_variables(model, config, meta)
   flat = jax.tree_util.tree_flatten_with_path(variables['params'])[0]
   return _Shapes(
+    config=config,
+    variables=variables,
     report=flops.count_forward_flops(model, config, meta),
     sizes={tuple(k.key for k in path): int(np.prod(leaf.shape)) for path, leaf in flat},
     sparse_paths=sparse_kernel_paths(variables),
@@ -115,7 +128,8 @@ def _shapes(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> _Shap
 
 @functools.lru_cache(maxsize=16)
 def _dense_reference(config_json: str, meta_items: tuple[tuple[str, Any], ...]):
-  return _shapes(ml_collections.ConfigDict(json.loads(config_json)), dict(meta_items)).measure(0.0)
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  return _shapes(config, dict(meta_items)).measure(None)
 
 
 def sift_flops(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> SiftFlops:
@@ -130,7 +144,7 @@ def sift_flops(config: ml_collections.ConfigDict, meta: Mapping[str, Any]) -> Si
   mask_level = s.level
   if s.match_flops:
     mask_level = match.matched_level(
-      shapes.report, shapes.sparse_paths, shapes.sizes, target_flops=dense_forward
+      shapes.report, shapes.sparse_paths, shapes.sizes, dense_forward, shapes.densities
     )
   params, active, forward, transformed = shapes.measure(mask_level)
   return SiftFlops(
@@ -165,16 +179,20 @@ def table_rows(
   meta: Mapping[str, Any],
   members: Sequence[str] = MEMBERS,
   levels: Sequence[float] = LEVELS,
+  progress: Callable[[str], None] = lambda line: None,
 ) -> list[SiftFlops]:
-  """Every member at every level; Sparse Wide also with match_flops where a solution exists."""
+  """Every member at every level; Sparse Wide also with match_flops where a solution exists.
+
+  Each row traces the model (seconds for GPT-3 Small): `progress` gets a line before each.
+  """
   rows = []
-  for level in levels:
-    for name in members:
-      rows.append(sift_flops(configured(config, name, level), meta))
-      if name == 'wide':
-        # GPT at s = 0.9 has none: the widened LM head alone exceeds the dense budget.
-        with contextlib.suppress(match.NoMatchingLevel):
-          rows.append(sift_flops(configured(config, name, level, match_flops=True), meta))
+  for i, (level, name) in enumerate(itertools.product(levels, members)):
+    progress(f'{config.model.name} {name} s={level:g} ({i + 1}/{len(levels) * len(members)})')
+    rows.append(sift_flops(configured(config, name, level), meta))
+    if name == 'wide':
+      # GPT at s = 0.9 has none: the widened LM head alone exceeds the dense budget.
+      with contextlib.suppress(match.NoMatchingLevel):
+        rows.append(sift_flops(configured(config, name, level, match_flops=True), meta))
   return rows
 
 
@@ -252,15 +270,18 @@ def main(argv: list[str]) -> None:
     cases = [(f'{config.model.name}, {config.data.name}', config, data.dataset_meta(config))]
   else:
     cases = paper_models()
+  start = time.monotonic()
+
+  def progress(line: str) -> None:  # on stderr, so stdout stays the markdown tables
+    print(f'[{time.monotonic() - start:4.0f} s] {line}', file=sys.stderr, flush=True)
+
   for title, config, meta in cases:
-    print(markdown_table(title, table_rows(config, meta, members, levels)))
-    print()
+    print(markdown_table(title, table_rows(config, meta, members, levels, progress)))
+    print(flush=True)
 
 
 if __name__ == '__main__':
   # Flags are defined here, not at import, so importing this module defines no global flags.
-  import sys
-
   from absl import app, flags
 
   flags.DEFINE_list('members', list(MEMBERS), 'Sparse-IFT members to tabulate.')

@@ -23,6 +23,9 @@ from sift_jax.sparsity import select
 
 Path = tuple[str, ...]
 
+# A layer whose realised density misses its target 1 - s by more than this (absolute) is named
+# in the plan's line and in summary.json (`drift_facts`).
+DRIFT_TOLERANCE = 0.01
 # Path parts that mark embeddings and normalisation layers, never sparse by default.
 _DENSE_PARTS = re.compile(r'embed|norm|^ln|_ln|^bn|_bn|batchnorm|layernorm|wte|wpe', re.I)
 
@@ -106,6 +109,15 @@ class Layer:
   @property
   def active(self) -> int:
     return self.active_blocks * self.block_size
+
+  @property
+  def density(self) -> float:
+    """The realised density: balanced and blocked counts round, so it may miss 1 - sparsity."""
+    return self.active / self.size
+
+  @property
+  def drifts(self) -> bool:
+    return abs(self.density - (1.0 - self.sparsity)) > DRIFT_TOLERANCE
 
 
 def exact_count(density: float, n: int) -> int:
@@ -259,4 +271,23 @@ def describe(layers: Sequence[Layer]) -> str:
     line += '; raised to one active block (round((1 - s) n) was 0): ' + ', '.join(
       f'{layer.name} (s={layer.sparsity:g}, n={layer.blocks})' for layer in floored
     )
+  drifted = drift_facts(layers).get(DRIFT_KEY, {})
+  if drifted:
+    line += f'; realised density off the target by more than {DRIFT_TOLERANCE:g}: ' + ', '.join(
+      f'{name} ({d["realised"]:.4g}, target {d["target"]:.4g})' for name, d in drifted.items()
+    )
   return line
+
+
+DRIFT_KEY = 'sparsity/plan_density_drift'
+
+
+def drift_facts(layers: Sequence[Layer]) -> dict[str, Any]:
+  """{DRIFT_KEY: {layer: {'target', 'realised'}}} for summary.json, naming each layer whose
+  realised density misses 1 - s by more than DRIFT_TOLERANCE; {} when none does."""
+  drifted = {
+    layer.name: {'target': 1.0 - layer.sparsity, 'realised': layer.density}
+    for layer in layers
+    if layer.drifts
+  }
+  return {DRIFT_KEY: drifted} if drifted else {}
