@@ -73,6 +73,7 @@ def test_report_flags(tmp_path):
   rows = [line for line in out.stdout.splitlines() if line.startswith('| wide')]
   assert [r.split('|')[2].strip() for r in rows] == ['0.5', '0.5']  # plain and match_flops
   assert '| 1.103x |' in rows[0]
+  assert re.search(r'^\[ *\d+ s\] gpt wide s=0\.5 \(1/1\)$', out.stderr, flags=re.M)  # progress
   assert re.search(r'dense 0\.84M params', out.stdout)
   bad = python('-m', 'sift_jax.sift.report', '--members=wid', cwd=tmp_path, check=False)
   assert bad.returncode == 2 and 'Traceback' not in bad.stderr
