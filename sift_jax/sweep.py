@@ -115,7 +115,8 @@ def run_name(overrides: Mapping[str, Any]) -> str:
 
 
 def find_file(path: str, sweep_dir: str) -> str:
-  """A config path as given (cwd), else beside the sweep file, else under the repo root."""
+  """A config path as given (cwd), else beside the sweep file, else under the repo root, else
+  among the shipped configs (`configs/<file>.py` in an installed package, no checkout)."""
   for base in ('', sweep_dir, REPO):
     candidate = os.path.join(base, path)
     if os.path.isfile(candidate):

@@ -90,3 +90,21 @@ def test_an_untransformed_sparse_model_is_never_labelled_dense(tmp_path, levels_
   ) == ('sift=none / rigl / s=0.5')
   assert report.label({'sift.name': 'dense', 'sparsity.level': 0.5}) == 'sift=none, s=0.5'
   assert 'dense,rigl,0.5' in (tmp_path / 'results.csv').read_text()  # the config's own value
+
+
+def test_a_sweep_finds_shipped_configs_without_a_checkout(tmp_path, monkeypatch):
+  """An installed package has no repository root: `configs/<file>.py` in a sweep file is the
+  shipped config, as for the trainer."""
+  from sift_jax import sweep
+
+  monkeypatch.setattr(sweep, 'REPO', str(tmp_path / 'no_checkout'))
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'sweep.py').write_text(
+    "def get_sweep():\n  return {'config': 'configs/mlp_fashion_mnist.py:local'}\n"
+  )
+  run = sweep.make_runs(str(tmp_path / 'sweep.py'))[0]
+  shipped = config_lib.resolve_config_path('configs/mlp_fashion_mnist.py')
+  assert run.config_arg == f'{os.path.abspath(shipped)}:local'
+  (tmp_path / 'sweep.py').write_text("def get_sweep():\n  return {'config': 'configs/nope.py'}\n")
+  with pytest.raises(FileNotFoundError, match="config file 'configs/nope.py' does not exist"):
+    sweep.make_runs(str(tmp_path / 'sweep.py'))
