@@ -32,6 +32,7 @@ Timings are medians of --windows windows of --repeats calls after compilation an
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -48,7 +49,17 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from sift_jax import config_lib, data, experiment, metrics, preflight, sparse_layers, train  # noqa: E402
+from sift_jax import (  # noqa: E402
+  config_lib,
+  data,
+  experiment,
+  flops,
+  metrics,
+  models,
+  preflight,
+  sparse_layers,
+  train,
+)
 from sift_jax.models import gpt  # noqa: E402
 from sift_jax.sift import sizes  # noqa: E402
 from sift_jax.sparsity import select  # noqa: E402
@@ -117,6 +128,7 @@ def blocks() -> list[int]:
   return [32] if _SMOKE.value else [int(b) for b in _BLOCKS.value]
 
 
+@functools.cache
 def sparse_wide_layer(b: int, dtype) -> dict[str, jax.Array]:
   """Sparse Wide's layer at s = LEVEL with balanced b x b blocks: the input, the masked kernel
   and mask, and the block-sparse values and rows (K = round((1 - s) R) blocks per column)."""
@@ -137,32 +149,61 @@ def max_abs(a: jax.Array) -> float:
   return float(jnp.max(jnp.abs(a.astype(jnp.float32))))
 
 
-def numerics(budget: Budget) -> list[dict[str, Any]]:
-  """Pallas against XLA: output and both gradients, per block size and dtype."""
-  out = []
-  for dtype in (jnp.float32, jnp.bfloat16):
-    for b in blocks():
-      row: dict[str, Any] = {'dtype': jnp.dtype(dtype).name, 'block': b}
-      if budget.spent:
-        out.append({**row, 'skipped': 'section budget spent'})
-        continue
-      layer = sparse_wide_layer(b, dtype)
-      x, values, rows = layer['x'], layer['values'], layer['rows']
-      cot = jax.random.normal(jax.random.key(1), (x.shape[0], layer['kernel'].shape[1]), dtype)
+Case = Callable[[], dict[str, Any]]
 
-      def fwd_bwd(impl: str, x=x, values=values, rows=rows, cot=cot):
-        f = lambda x, v: sparse_layers.block_matmul(x, v, rows, impl)
-        y, vjp = jax.vjp(f, x, values)
-        return (y, *vjp(cot))
 
-      got = jax.jit(lambda: fwd_bwd(pallas_impl()))()
-      want = jax.jit(lambda: fwd_bwd('xla'))()
-      for name, g, w in zip(('out', 'dx', 'dvalues'), got, want, strict=True):
-        err, scale = max_abs(g.astype(jnp.float32) - w.astype(jnp.float32)), max_abs(w)
-        row[f'{name}_max_abs_err'] = err
-        row[f'{name}_rel_err'] = err / scale if scale else err
-      out.append(row)
+def run_cases(budget: Budget, cases: dict[str, Case], ratio_of: str = '') -> list[dict[str, Any]]:
+  """One row per case: its fields, or its error (the next case runs: one kernel that does not
+  fit or lower must not hide the others), or 'skipped' once the section's budget is spent.
+  With `ratio_of`, each row also gets that field over the first case's as 'time_over_dense'."""
+  rows = []
+  for name, case in cases.items():
+    row: dict[str, Any] = {'case': name}
+    if budget.spent:
+      row['skipped'] = 'section budget spent'
+    else:
+      try:
+        row.update(case())
+      except Exception as e:  # recorded; e.g. out of memory, or a kernel that fails to lower
+        row['error'] = one_line(e)
+    rows.append(row)
+  first = rows[0].get(ratio_of) if ratio_of and rows else None
+  for row in rows:
+    if first and row.get(ratio_of):
+      row['time_over_dense'] = row[ratio_of] / first
+  return rows
+
+
+def kernel_errors(b: int, dtype) -> dict[str, Any]:
+  """Max abs error of the Pallas kernel's output, d input and d values against the XLA
+  formulation's (jax.vjp with a random cotangent), and each over the reference's max abs."""
+  layer = sparse_wide_layer(b, dtype)
+  x, values, rows = layer['x'], layer['values'], layer['rows']
+  cot = jax.random.normal(jax.random.key(1), (x.shape[0], layer['kernel'].shape[1]), dtype)
+
+  def fwd_bwd(impl: str):
+    f = lambda x, v: sparse_layers.block_matmul(x, v, rows, impl)
+    y, vjp = jax.vjp(f, x, values)
+    return (y, *vjp(cot))
+
+  got = jax.jit(lambda: fwd_bwd(pallas_impl()))()
+  want = jax.jit(lambda: fwd_bwd('xla'))()
+  out: dict[str, Any] = {'dtype': jnp.dtype(dtype).name, 'block': b}
+  for name, g, w in zip(('out', 'dx', 'dvalues'), got, want, strict=True):
+    err, scale = max_abs(g.astype(jnp.float32) - w.astype(jnp.float32)), max_abs(w)
+    out[f'{name}_max_abs_err'] = err
+    out[f'{name}_rel_err'] = err / scale if scale else err
   return out
+
+
+def numerics(budget: Budget) -> list[dict[str, Any]]:
+  """Pallas against XLA: output and both gradients, per dtype and block size."""
+  cases = {
+    f'{jnp.dtype(dtype).name} b={b}': functools.partial(kernel_errors, b, dtype)
+    for dtype in (jnp.float32, jnp.bfloat16)
+    for b in blocks()
+  }
+  return run_cases(budget, cases)
 
 
 def value_and_grads(apply: Callable) -> Callable:
@@ -170,37 +211,38 @@ def value_and_grads(apply: Callable) -> Callable:
   return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.square(apply(x, w))), (0, 1)))
 
 
+def timed_layer(apply: Callable, make_args: Callable[[], tuple]) -> Case:
+  def case() -> dict[str, Any]:
+    fn, args = value_and_grads(apply), make_args()
+    return {'tokens': args[0].shape[0], 'ms': 1e3 * median_time(lambda: fn(*args))}
+
+  return case
+
+
 def layer(budget: Budget) -> list[dict[str, Any]]:
   """fwd + bwd ms of the dense layer and of Sparse Wide's, masked and block-sparse, bf16."""
   d_in, d_out, n = layer_shapes()
-  key = jax.random.key(0)
+  key_x, key_w = jax.random.split(jax.random.key(0))
   bf16 = jnp.bfloat16
-  cases: dict[str, tuple[Callable, tuple]] = {
-    f'dense {d_in}x{d_out}': (
-      value_and_grads(lambda x, w: x @ w),
-      (jax.random.normal(key, (n, d_in), bf16), jax.random.normal(key, (d_in, d_out), bf16)),
-    )
-  }
+  dense_args = lambda: (
+    jax.random.normal(key_x, (n, d_in), bf16),
+    jax.random.normal(key_w, (d_in, d_out), bf16),
+  )
+  cases = {f'dense {d_in}x{d_out}': timed_layer(lambda x, w: x @ w, dense_args)}
+  wide = sizes.width_factor(LEVEL)
+  w_in, w_out = sizes.scale_width(d_in, wide), sizes.scale_width(d_out, wide)
+  wl = lambda b: sparse_wide_layer(b, bf16)
+  b0 = blocks()[0]  # the masked layer's cost does not depend on its blocks
+  cases[f'masked {w_in}x{w_out}'] = timed_layer(
+    lambda x, w: x @ (w * wl(b0)['mask'].astype(w.dtype)), lambda: (wl(b0)['x'], wl(b0)['kernel'])
+  )
   for b in blocks():
-    wl = sparse_wide_layer(b, bf16)
-    w_in, w_out = wl['kernel'].shape
-    if len(cases) == 1:  # the masked layer does not depend on the block size
-      masked = value_and_grads(lambda x, w, mask=wl['mask']: x @ (w * mask))
-      cases[f'masked {w_in}x{w_out}'] = (masked, (wl['x'], wl['kernel']))
     for impl in ('xla', pallas_impl()):
-      fn = value_and_grads(
-        lambda x, v, rows=wl['rows'], impl=impl: sparse_layers.block_matmul(x, v, rows, impl)
+      apply = lambda x, v, b=b, impl=impl: sparse_layers.block_matmul(x, v, wl(b)['rows'], impl)
+      cases[f'block_sparse {impl.split("_")[0]} b={b}'] = timed_layer(
+        apply, lambda b=b: (wl(b)['x'], wl(b)['values'])
       )
-      cases[f'block_sparse {impl.split("_")[0]} b={b}'] = (fn, (wl['x'], wl['values']))
-  out, dense_s = [], None
-  for name, (fn, args) in cases.items():
-    if budget.spent:
-      out.append({'case': name, 'skipped': 'section budget spent'})
-      continue
-    s = median_time(lambda fn=fn, args=args: fn(*args))
-    dense_s = dense_s or s
-    out.append({'case': name, 'tokens': n, 'ms': 1e3 * s, 'time_over_dense': s / dense_s})
-  return out
+  return run_cases(budget, cases, ratio_of='ms')
 
 
 def random_batch(exp: experiment.Experiment) -> dict[str, jax.Array]:
@@ -223,52 +265,63 @@ def device_peak() -> float | None:
   return next((p for word, p in PEAK_BF16.items() if word in kind), None)
 
 
-def time_train_step(c, per_device_batch: int, matmul_peak: float) -> dict[str, Any]:
-  """Step time, throughput, MFU and compiled footprint of the config's train step."""
-  c.batch_size = per_device_batch * jax.device_count()
-  c.total_steps = 10**6  # every step inside the schedule's warm part
-  exp = experiment.build_experiment(c, data.dataset_meta(c))
-  batch = random_batch(exp)
-  state = exp.new_state()
-  compiled = exp.train_step().lower(state, batch).compile()
-  mem = compiled.memory_analysis()
-  box = [state]
-
-  def run():
-    box[0], m = compiled(box[0], batch)  # the step donates its state: carry it forward
-    return m
-
-  s = median_time(run)
-  flops = 3 * exp.flop_report.forward_dense * c.batch_size / s
-  row: dict[str, Any] = {
-    'per_device_batch': per_device_batch,
-    'step_ms': 1e3 * s,
-    'examples_per_s': c.batch_size / s,
-    'model_tflops_per_s': flops / 1e12,
-    'matmul_peak_tflops': matmul_peak / 1e12,
-    'mfu_vs_measured_matmul': flops / jax.device_count() / matmul_peak,
-    'compiled_bytes': None,
-  }
-  if mem is not None:
-    row['compiled_bytes'] = (
-      mem.argument_size_in_bytes
-      + mem.output_size_in_bytes
-      + mem.temp_size_in_bytes
-      - mem.alias_size_in_bytes
-    )
-  peak = device_peak()
-  row['mfu_vs_spec_peak'] = flops / jax.device_count() / peak if peak else None
-  if 'seq_len' in exp.meta:
-    row['tokens_per_s'] = row['examples_per_s'] * exp.meta['seq_len']
-  return row
-
-
 def load(path: str, arg: str | None, overrides: dict[str, Any]):
   c = config_lib.load_config(os.path.join(REPO, path), arg)
   for key, value in overrides.items():
     group, _, leaf = key.rpartition('.')
     (c[group] if group else c)[leaf] = value
   return c
+
+
+def dense_forward_flops(c) -> float:
+  """Forward FLOPs per example of the config's model with every weight dense (the FLOP report)."""
+  meta = data.dataset_meta(c)
+  return flops.count_forward_flops(models.build_model(c, meta), c, meta).forward_dense
+
+
+def timed_step(c, per_device_batch: int, flops_per_example: float, matmul_peak: float) -> Case:
+  """Step time, throughput, MFU (of `flops_per_example` x 3 per example) and compiled footprint
+  of the config's train step."""
+
+  def case() -> dict[str, Any]:
+    c.batch_size = per_device_batch * jax.device_count()
+    c.total_steps = 10**6  # every step inside the schedule's warm part
+    exp = experiment.build_experiment(c, data.dataset_meta(c))
+    batch = random_batch(exp)
+    state = exp.new_state()
+    compiled = exp.train_step().lower(state, batch).compile()
+    mem = compiled.memory_analysis()
+    box = [state]
+
+    def run():
+      box[0], m = compiled(box[0], batch)  # the step donates its state: carry it forward
+      return m
+
+    s = median_time(run)
+    per_device = 3 * flops_per_example * per_device_batch / s
+    peak = device_peak()
+    row: dict[str, Any] = {
+      'dtype': c.model.dtype,
+      'per_device_batch': per_device_batch,
+      'step_ms': 1e3 * s,
+      'examples_per_s': c.batch_size / s,
+      'tflops_per_s_per_device': per_device / 1e12,
+      'mfu_vs_spec_peak': per_device / peak if peak else None,
+      'mfu_vs_measured_matmul': per_device / matmul_peak,
+      'compiled_bytes': None,
+    }
+    if mem is not None:
+      row['compiled_bytes'] = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+      )
+    if 'seq_len' in exp.meta:
+      row['tokens_per_s'] = row['examples_per_s'] * exp.meta['seq_len']
+    return row
+
+  return case
 
 
 GPT_SMOKE = {
@@ -281,18 +334,19 @@ GPT_SMOKE = {
 BLOCK_SPARSE = {'sparsity.execution': 'block_sparse', 'sparsity.balanced': True}
 
 
-def gpt_cases() -> dict[str, tuple[str, str | None, dict[str, Any]]]:
-  """name -> (config file, argument, overrides) of the GPT-3 Small train steps."""
+def gpt_configs() -> dict[str, Any]:
+  """name -> config of the GPT-3 Small train steps (tiny with --smoke)."""
   small = GPT_SMOKE if _SMOKE.value else {}
   b = 32 if _SMOKE.value else 128
   wide = f'sparsity={LEVEL}'
+  block = {**small, **BLOCK_SPARSE, 'sparsity.block_shape': (b, b)}
   return {
-    'GPT-3 Small dense': ('configs/gpt_small_dense.py', None, small),
-    f'Sparse Wide {LEVEL} masked': ('configs/gpt_small_wide.py', wide, small),
-    f'Sparse Wide {LEVEL} block_sparse b={b}': (
-      'configs/gpt_small_wide.py',
-      wide,
-      {**small, **BLOCK_SPARSE, 'sparsity.block_shape': (b, b)},
+    'GPT-3 Small dense': load('configs/gpt_small_dense.py', None, small),
+    f'Sparse Wide {LEVEL} masked': load('configs/gpt_small_wide.py', wide, small),
+    f'Sparse Wide {LEVEL} block_sparse b={b}': load('configs/gpt_small_wide.py', wide, block),
+    # Without attention dropout the attention is jax's fused one (cuDNN on the GPU).
+    'GPT-3 Small dense, dropout 0': load(
+      'configs/gpt_small_dense.py', None, {**small, 'model.dropout': 0.0}
     ),
   }
 
@@ -306,26 +360,20 @@ def attention_path(c) -> str:
 
 
 def train_step(budget: Budget) -> list[dict[str, Any]]:
+  """The GPT-3 Small steps; MFU of all counts the dense model's FLOPs, which Sparse Wide at
+  s = 0.75 matches (iso-FLOP), so its MFU is the dense-equivalent useful work."""
   matmul_peak = metrics.matmul_peak_flops(256 if _SMOKE.value else 8192, dtype=jnp.bfloat16)
-  print(f'bf16 matmul peak measured: {matmul_peak / 1e12:.3g} TFLOP/s', flush=True)
+  configs = gpt_configs()
+  dense_flops = dense_forward_flops(configs['GPT-3 Small dense'])
   per_device = 2 if _SMOKE.value else _GPT_BATCH.value
-  out, dense_ms = [], None
-  for name, (path, arg, overrides) in gpt_cases().items():
-    if budget.spent:
-      out.append({'case': name, 'skipped': 'section budget spent'})
-      continue
-    c = load(path, arg, overrides)
-    row = {'case': name, 'attention': attention_path(c), 'dtype': c.model.dtype}
-    try:
-      row.update(time_train_step(c, per_device, matmul_peak))
-    except Exception as e:  # one case's failure (e.g. out of memory) leaves the others to run
-      row['error'] = one_line(e)
-      out.append(row)
-      continue
-    dense_ms = dense_ms or row['step_ms']
-    row['time_over_dense'] = row['step_ms'] / dense_ms
-    out.append(row)
-  return out
+  cases = {}
+  for name, c in configs.items():
+    step = timed_step(c, per_device, dense_flops, matmul_peak)
+    cases[name] = lambda step=step, c=c: {'attention': attention_path(c), **step()}
+  rows = run_cases(budget, cases, ratio_of='step_ms')
+  for row in rows:
+    row['matmul_peak_tflops_bf16'] = matmul_peak / 1e12
+  return rows
 
 
 def torch_images_per_s(width: int, batch: int) -> dict[str, Any]:
@@ -343,34 +391,35 @@ def torch_images_per_s(width: int, batch: int) -> dict[str, Any]:
   x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
   y = torch.randint(0, 100, (batch,), device=device)
 
-  def run():
+  def step():
     opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-
-  def timed():
-    run()
     if device == 'cuda':
-      torch.cuda.synchronize()
+      torch.cuda.synchronize()  # median_time's block_until_ready does not see torch's queue
 
-  s = median_time(timed)
-  return {'device': device, 'images_per_s': batch / s, 'step_ms': 1e3 * s}
+  s = median_time(step)
+  return {'device': device, 'step_ms': 1e3 * s, 'images_per_s': batch / s}
 
 
 def resnet(budget: Budget) -> list[dict[str, Any]]:
+  """The CIFAR ResNet-18 dense step in images/s, JAX and (when importable) PyTorch."""
   width = 4 if _SMOKE.value else 64
   per_device = 2 if _SMOKE.value else _RESNET_BATCH.value
   c = load('configs/resnet18_cifar100.py', None, {'model.width': width})
-  row = {'case': f'ResNet-18 CIFAR-100 dense, width {width}', 'dtype': c.model.dtype}
   peak = metrics.matmul_peak_flops(256 if _SMOKE.value else 8192)  # float32, as the config
-  row.update(time_train_step(c, per_device, peak))
-  row['images_per_s'] = row.pop('examples_per_s')
-  rows = [row]
-  if budget.spent:
-    rows.append({'case': 'PyTorch', 'skipped': 'section budget spent'})
-  else:
-    rows.append({'case': 'PyTorch', **torch_images_per_s(width, per_device * jax.device_count())})
-  return rows
+  step = timed_step(c, per_device, dense_forward_flops(c), peak)
+
+  def jax_case() -> dict[str, Any]:
+    row = step()
+    row['images_per_s'] = row.pop('examples_per_s')
+    return row
+
+  cases = {
+    f'ResNet-18 CIFAR-100 width {width}, JAX': jax_case,
+    'the same in PyTorch': lambda: torch_images_per_s(width, per_device * jax.device_count()),
+  }
+  return run_cases(budget, cases)
 
 
 def one_line(e: BaseException) -> str:
