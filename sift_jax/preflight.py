@@ -176,16 +176,24 @@ def first_line(e: Exception) -> str:
   return f'{type(e).__name__}: {first.strip()}'
 
 
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+  """One platform's export of the train step."""
+
+  exported: jax.export.Exported | None  # None when it failed
+  error: str | None  # the first line of its error; None when it lowered
+  seconds: float
+
+
 def lower_platforms(
   config: ml_collections.ConfigDict, meta: Mapping[str, Any], platforms: Sequence[str]
-) -> tuple[experiment.Experiment, dict[str, str | None], dict[str, float]]:
+) -> tuple[experiment.Experiment, dict[str, Lowering]]:
   """Exports the train step of `config` for each platform over this process's devices.
 
-  Returns an Experiment of the config (for sizes and the CPU compile), platform -> None when it
-  lowers or its error's first line, and platform -> seconds it took. Platforms running the same
-  kernels share one jitted step, so its trace is reused.
+  Returns an Experiment of the config (for sizes and the CPU compile) and each platform's
+  Lowering. Platforms running the same kernels share one jitted step, so its trace is reused.
   """
-  exps, jitted, errors_, seconds = {}, {}, {}, {}
+  exps, jitted, out = {}, {}, {}
   for p in platforms:
     c = platform_config(config, p)
     conv_impl = c.model.get('conv_impl', None)  # the only way platforms' experiments differ
@@ -195,15 +203,15 @@ def lower_platforms(
     if key not in jitted:
       jitted[key] = exp.train_step()
     t = time.perf_counter()
+    exported, error = None, None
     try:
       with block_kernels(block_impl(p)):
         export = jax.export.export(jitted[key], platforms=[p], disabled_checks=ALLOW_KERNELS)
-        export(exp.abstract_state, abstract_batch(exp))
-      errors_[p] = None
+        exported = export(exp.abstract_state, abstract_batch(exp))
     except Exception as e:  # any failure to lower is the answer, reported as one line
-      errors_[p] = first_line(e)
-    seconds[p] = time.perf_counter() - t
-  return next(iter(exps.values())), errors_, seconds
+      error = first_line(e)
+    out[p] = Lowering(exported, error, time.perf_counter() - t)
+  return next(iter(exps.values())), out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,8 +294,7 @@ def smallest_fitting_accum(
 @dataclasses.dataclass(frozen=True)
 class Report:
   mesh: dict[str, int]  # mesh axis -> devices along it
-  platforms: dict[str, str | None]  # platform -> None (lowers) or its error's first line
-  seconds: dict[str, float]  # platform -> time to lower
+  lowered: dict[str, Lowering]  # by platform
   state: dict[str, int]  # per-device bytes of params, optimizer and sparsity state
   accum: int  # the config's optim.grad_accum_steps
   footprint: Footprint | None  # at `accum`; None when not compiled
@@ -298,7 +305,7 @@ class Report:
 
   @property
   def ok(self) -> bool:
-    lowered = all(e is None for e in self.platforms.values())
+    lowered = all(low.error is None for low in self.lowered.values())
     return lowered and (self.budget is None or self.fit is not None)
 
 
@@ -312,7 +319,7 @@ def preflight(
   """Lowers the train step of `config` for each platform over this process's devices (the
   config's mesh); with `compile_footprint`, compiles it here for its memory analysis, and with
   `device_memory` (bytes) finds the smallest grad_accum_steps that fits."""
-  exp, errors_, seconds = lower_platforms(config, dataset_meta(config), platforms)
+  exp, lowered = lower_platforms(config, dataset_meta(config), platforms)
   accum = int(config.optim.grad_accum_steps)
   fp, fit, known = None, None, {}
   if compile_footprint or device_memory is not None:
@@ -321,18 +328,16 @@ def preflight(
     fit = smallest_fitting_accum(exp, device_memory, known)
   mesh = dict(exp.mesh.shape)
   state = state_bytes(exp)
-  return Report(
-    mesh, errors_, seconds, state, accum, fp, device_memory, fit, dict(sorted(known.items()))
-  )
+  return Report(mesh, lowered, state, accum, fp, device_memory, fit, dict(sorted(known.items())))
 
 
 def format_report(report: Report) -> str:
   devices = int(np.prod(list(report.mesh.values())))
   mesh = ' x '.join(f'{k} {v}' for k, v in report.mesh.items())
   lines = [f'devices: {devices} (mesh {mesh})']
-  for p, error in report.platforms.items():
-    took = f'lowered in {report.seconds[p]:.1f} s'
-    lines.append(f'{p}: OK ({took})' if error is None else f'{p}: FAILED: {error}')
+  for p, low in report.lowered.items():
+    took = f'lowered in {low.seconds:.1f} s'
+    lines.append(f'{p}: OK ({took})' if low.error is None else f'{p}: FAILED: {low.error}')
   lines.append('state per device: ' + ', '.join(f'{k} {human(v)}' for k, v in report.state.items()))
   backend = jax.default_backend()
   proxy = 'CPU proxy' if backend == 'cpu' else f'compiled for {backend}'
@@ -388,6 +393,8 @@ def main(argv: list[str]) -> None:
     budget = None if fl.device_memory is None else parse_bytes(fl.device_memory)
     if fl.devices < 1:
       raise PreflightError(f'--devices={fl.devices} must be a positive integer')
+    if budget is not None and not fl.compile:
+      raise PreflightError('--device_memory needs the compile (drop --nocompile)')
   except PreflightError as e:
     config_lib.fail(str(e))
   reexec_with_devices(fl.devices)
@@ -398,7 +405,7 @@ def main(argv: list[str]) -> None:
     )
   config = fl.config
   try:
-    report = preflight(config, platforms, device_memory=budget)
+    report = preflight(config, platforms, compile_footprint=fl.compile, device_memory=budget)
   except (ValueError, errors.UserError) as e:
     config_lib.fail(str(e))
   print(format_report(report), flush=True)
@@ -417,6 +424,11 @@ def define_flags() -> None:
     'Devices the step is sharded over with the config mesh (mesh.data x mesh.fsdp). On the CPU '
     f'they come from XLA_FLAGS={_DEVICE_COUNT_FLAG}=N; the command re-executes itself with it '
     'when the environment does not set N.',
+  )
+  flags.DEFINE_bool(
+    'compile',
+    True,
+    'Compile the step on this CPU for its memory analysis; --nocompile only lowers (faster).',
   )
   flags.DEFINE_string(
     'device_memory',
