@@ -21,6 +21,14 @@ bytes per device; the compiled footprint of the per-device program as XLA:CPU co
 --device_memory, the smallest optim.grad_accum_steps whose proxy footprint fits. Exit status 0
 when every platform lowers (and, with --device_memory, some grad_accum_steps fits), 1 otherwise,
 2 on a bad argument.
+
+What it cannot see: lowering is not compiling. Mosaic (TPU, and Pallas' Mosaic GPU backend)
+compiles the kernel while lowering, so its limits show here; a Triton kernel is compiled by
+XLA:GPU, so its shared-memory and register limits show only on a GPU. And XLA:CPU does not
+serialize the train step's unrolled microbatches, so the CPU proxy barely shrinks with
+grad_accum_steps (GPT local at batch 256: 2.55 GiB at 1, 2.43 GiB at 8) where an accelerator's
+memory-aware scheduler may do better: the count found may be more than a device needs, and
+"nothing fits" may be wrong there.
 """
 
 from __future__ import annotations

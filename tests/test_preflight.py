@@ -210,7 +210,10 @@ def test_sparse_wide_gpt_layer_lowers_block_sparse_at_128():
     **execution('block_sparse_128'),
     **{'model.num_layers': 1},
   )
-  assert_lowers(lower(config), block_sparse=True)
+  lowered = lower(config)
+  assert_lowers(lowered, block_sparse=True)
+  for p in PLATFORMS:  # one program: RigL's mask update is its lax.cond branch
+    assert 'stablehlo.case' in lowered[p].exported.mlir_module()
 
 
 # --------------------------------------------------------------------------- the grid (-m slow)
