@@ -1,13 +1,14 @@
 """One command that checks a GPU: kernel numerics, the Sparse Wide layer, train steps, ResNet-18.
 
-  python benchmarks/accelerator_check.py                 # on the accelerator (about 5 minutes)
+  python benchmarks/accelerator_check.py                 # on the accelerator (budgets: 7 min)
   python benchmarks/accelerator_check.py --smoke         # the same code at tiny shapes, CPU
 
 Writes <out>/accelerator_check.json (every number, the device, jax version, errors) and
-<out>/accelerator_check.md (the tables), default out = benchmarks/results. Sections, each in its
-own try/except (an error is recorded and the next section runs) and with its own time budget
-(BUDGETS x --budget_scale: once a section has used it, its remaining cases are recorded as skipped; a compile
-already running is not interrupted):
+<out>/accelerator_check.md (the tables), default out = benchmarks/results. Every section and
+every case in it runs in its own try/except (the error is recorded and the next one runs), and
+each section has a time budget (BUDGETS x --budget_scale, 420 s in all, so that the check ends
+within 8 minutes on one H100; not yet run on one): once a section has used it, its remaining
+cases are recorded as skipped (a compile already running is not interrupted). Sections:
 
 1. numerics: the Pallas block-sparse kernel (`sparse_layers.block_matmul(impl='pallas')`,
    interpreted on the CPU) against the XLA formulation at the Sparse Wide layer, per block size,
@@ -17,11 +18,13 @@ already running is not interrupted):
    of GPT-3 Small's MLP layer, dense 768 x 3072 against Sparse Wide s = 0.75 1536 x 6144 masked,
    block-sparse XLA and block-sparse Pallas per block size, bfloat16, --tokens rows.
 3. train_step: the trainer's own jitted step (experiment.build_experiment from the config's
-   dataset meta, random batches: no data is read) of GPT-3 Small dense, and Sparse Wide 0.75
-   masked and block-sparse (balanced 128 x 128 blocks), --gpt_batch sequences of 1024 tokens per
-   device. MFU = 3 x the FLOP report's dense forward FLOPs per example x batch / step time /
-   peak, against the device's bf16 dense peak where known (H100 / H200: 989 TFLOP/s) and against
-   the bf16 matmul peak measured in this process.
+   dataset meta, random batches: no data is read) of GPT-3 Small dense, Sparse Wide 0.75 masked
+   and block-sparse (balanced 128 x 128 blocks), and dense with model.dropout = 0 (the paper
+   config's attention dropout 0.1 keeps the explicit T x T attention; without it the step runs
+   jax's fused attention, cuDNN on a GPU), --gpt_batch sequences of 1024 tokens per device.
+   MFU = 3 x the FLOP report's forward FLOPs per example of the dense GPT-3 Small (which Sparse
+   Wide matches: iso-FLOP) x batch / step time / peak, against the device's bf16 dense peak where
+   known (H100 / H200: 989 TFLOP/s) and against the bf16 matmul peak measured in this process.
 4. resnet: the CIFAR ResNet-18 dense train step (configs/resnet18_cifar100.py, --resnet_batch
    images per device) in images/s, and the same network in PyTorch on the same device
    (torch_resnet_step.torch_resnet18) when torch is importable.
@@ -56,8 +59,9 @@ from sift_jax import (  # noqa: E402
   flops,
   metrics,
   models,
-  preflight,
+  sharding,
   sparse_layers,
+  steps,
   train,
 )
 from sift_jax.models import gpt  # noqa: E402
@@ -246,18 +250,19 @@ def layer(budget: Budget) -> list[dict[str, Any]]:
 
 
 def random_batch(exp: experiment.Experiment) -> dict[str, jax.Array]:
-  """A global batch of the shapes the trainer feeds (preflight.abstract_batch), random values:
-  tokens or labels below the vocabulary or class count, normal images."""
+  """A training batch placed as the trainer places its batches (sharding.global_batch), of random
+  values: tokens and labels below the vocabulary or class count, normal images."""
   rng = np.random.default_rng(0)
+  c = exp.config
+  x = models.example_input(c, exp.meta, batch_size=c.batch_size)  # (B, T) or (B, H, W, C)
   high = exp.meta.get('vocab_size') or exp.meta['num_classes']
-  out = {}
-  for key, spec in preflight.abstract_batch(exp).items():
-    if jnp.issubdtype(spec.dtype, jnp.integer):
-      value = rng.integers(0, high, spec.shape, dtype=np.int32)
-    else:
-      value = rng.standard_normal(spec.shape, dtype=np.float32).astype(spec.dtype)
-    out[key] = jax.device_put(value, spec.sharding)
-  return out
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    inputs = rng.integers(0, high, x.shape, dtype=np.int32)
+  else:
+    inputs = rng.standard_normal(x.shape, dtype=np.float32).astype(x.dtype)
+  # The next token at every position, or one class per image.
+  labels = rng.integers(0, high, x.shape if exp.task == steps.TOKENS else x.shape[:1], np.int32)
+  return sharding.global_batch(exp.mesh, {exp.task.inputs: inputs, exp.task.labels: labels})
 
 
 def device_peak() -> float | None:
