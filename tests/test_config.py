@@ -120,6 +120,7 @@ def tiny_run_config():
   return c
 
 
+@pytest.mark.slow  # the same flow, default run: tests/test_plugins.py (with --import)
 def test_eval_and_resume_with_only_the_workdir(tmp_path):
   workdir = str(tmp_path / 'run')
   summary = train.train_and_evaluate(tiny_run_config(), workdir)

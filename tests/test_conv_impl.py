@@ -37,10 +37,10 @@ def loss_and_grads(fn, x, w, mask, strides, padding):
   'kernel, strides, padding',
   [
     ((3, 3), (1, 1), 'pytorch'),
-    ((3, 3), (2, 2), 'pytorch'),
+    pytest.param((3, 3), (2, 2), 'pytorch', marks=pytest.mark.slow),
     ((3, 3), (2, 2), 'SAME'),  # asymmetric padding at even sizes
-    ((1, 1), (2, 2), 'pytorch'),  # the ResNet shortcut
-    ((5, 3), (1, 1), 'SAME'),
+    pytest.param((1, 1), (2, 2), 'pytorch', marks=pytest.mark.slow),  # the ResNet shortcut
+    pytest.param((5, 3), (1, 1), 'SAME', marks=pytest.mark.slow),
   ],
 )
 def test_im2col_conv_matches_lax_forward_and_grads_with_mask(kernel, strides, padding):
