@@ -8,7 +8,8 @@ Local run (one CPU, embedded corpus, no download):
   python -m sift_jax.main --config=configs/gpt_small_dense.py:local
   About 3 minutes on 2 CPU cores; eval loss about 2.1 nats/byte (ln 256 = 5.55 at the start).
 
-Arguments: `local`, `sift=`, `sparsity=`, `rule=`, `seed=` (comma-separated), e.g.
+Arguments: `local` or `smoke` (local cut to 30 steps), `sift=`, `sparsity=`, `rule=`, `seed=`
+(comma-separated), e.g.
   --config=configs/gpt_small_dense.py:local,sparsity=0.75,rule=rigl
 """
 

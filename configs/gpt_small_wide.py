@@ -4,6 +4,7 @@ Sparse Wide at s = 0.5 (static masks) widens d_model 768 -> 1092 and d_ff -> 436
 transformed kernel at 50% sparsity, so the transformed layers cost the dense model's FLOPs.
 
   python -m sift_jax.main --config=configs/gpt_small_wide.py:local   # ~5 CPU minutes, eval ~2.1
+  python -m sift_jax.main --config=configs/gpt_small_wide.py:smoke   # 30 steps, ~40 CPU seconds
   python -m sift_jax.main --config=configs/gpt_small_wide.py:sparsity=0.75,rule=rigl
 
 `gpt_small_wide.py:local` is exactly `gpt_small_dense.py:local` plus the transformation.

@@ -1,7 +1,7 @@
 """A 784-1024-1024-10 MLP on Fashion-MNIST: the quick testbed for sparse training rules.
 
 python -m sift_jax.main --config=configs/mlp_fashion_mnist.py:local,rule=rigl,sparsity=0.9
-Dense reaches about 88% test accuracy (README.md has the measured numbers per rule).
+Dense reaches about 88% test accuracy (benchmarks/README.md has the measured numbers per rule).
 """
 
 from sift_jax import config_lib
