@@ -11,7 +11,8 @@ must beat. `--executions=block_sparse` adds rows with the sparse Dense kernels s
 balanced blocks of each `--blocks` size (sparsity.execution=block_sparse; ResNet has no
 block-sparse form, and a block that does not tile a member's kernels is reported as n/a).
 `--remat` rematerialises the sparse members' blocks (model.remat=True) against the dense model
-without: for GPU/TPU, since XLA:CPU compiles it away (the footprint does not move; README.md).
+without: for GPU/TPU, since XLA:CPU compiles it away (the footprint does not move;
+docs/block_sparse.md).
 
 The GPT is the issue's benchmark shape (the `local` config widened to d_model 256, d_ff 1024:
 4 layers, context 128, batch 16); the MLP is `mlp_fashion_mnist.py:local` (784-1024-1024-10,

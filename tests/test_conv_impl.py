@@ -80,7 +80,7 @@ def test_im2col_conv_rejects_what_it_does_not_implement():
 
 
 def test_impl_names_resolve_and_bad_names_raise():
-  assert conv.resolve_impl('auto', 'cpu') == 'im2col_large'  # measured: README, "Benchmarks"
+  assert conv.resolve_impl('auto', 'cpu') == 'im2col_large'  # measured: benchmarks/README.md
   assert conv.resolve_impl('auto', 'tpu') == 'xla'
   assert conv.resolve_impl('im2col') == 'im2col'
   with pytest.raises(

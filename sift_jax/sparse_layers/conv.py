@@ -28,7 +28,7 @@ from jax import lax
 # (per device), XLA's for the others.
 IMPLS = ('xla', 'im2col', 'im2col_large')
 IM2COL_MIN_BATCH = 128
-# 'auto' resolves per backend to the implementation measured faster there (README, "Benchmarks":
+# 'auto' resolves per backend to the implementation measured faster there (benchmarks/README.md:
 # on CPU im2col won at batch 128 and lost at 32 and 64).
 AUTO = {'cpu': 'im2col_large'}
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
