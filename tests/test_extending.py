@@ -1,5 +1,5 @@
-"""The extension points of README "Extending": a toy rule, model and Sparse-IFT member, each
-registered by name and run through the real trainer."""
+"""The extension points of docs/library.md "Extending": a toy rule, model and Sparse-IFT member,
+each registered by name and run through the real trainer."""
 
 from __future__ import annotations
 
