@@ -4,6 +4,7 @@ replaced, and rematerialisation of the GPT blocks."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -119,3 +120,17 @@ def test_remat_keeps_only_block_inputs_for_the_backward():
   assert plain - kept > 4 * 8 * 4 * 64 * 64 * 4  # at least the probabilities of every block
   assert kept < plain / 4
   assert kept >= block_inputs
+
+
+def test_remat_barriers_reach_the_gpu_and_tpu_programs():
+  """XLA:GPU and XLA:TPU keep a rematerialised block's recomputation apart from the forward
+  through its optimization barrier (XLA:CPU drops them); the program lowered for them holds one
+  per block with remat and none without."""
+  for remat, barriers in ((False, 0), (True, 4)):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', UserWarning)  # models' CPU remat warning
+      loss, params, tokens = gpt_loss(remat)
+    lowered = jax.export.export(jax.jit(jax.grad(loss)), platforms=['cuda', 'tpu'])(
+      params, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)
+    )
+    assert lowered.mlir_module().count('stablehlo.optimization_barrier') == barriers
