@@ -6,8 +6,9 @@ recomputes the rest there, the (B, H, T, T) attention probabilities among it. Me
 4-layer GPT (d_model 64, 4 heads, d_ff 256, batch 8 x 64 tokens, float32; tests/test_attention.py):
 the residuals jax.vjp keeps for the backward fall from 26.3 MB to 1.04 MB with remat, which is
 what GPU and TPU compilers keep: they honour the rematerialisation barriers, and the program
-lowered for cuda and tpu holds one per block (jax.export; device memory not measured here). XLA:CPU drops the barriers and merges the recomputation back into the forward: the
-compiled value-and-grad's temporaries are 17.73 MB without remat and 17.68 MB with it
+lowered for cuda and tpu holds one per block (jax.export; device memory not measured here).
+XLA:CPU drops the barriers and merges the recomputation back into the forward: the compiled
+value-and-grad's temporaries are 17.73 MB without remat and 17.68 MB with it
 (memory_analysis().temp_size_in_bytes, jax 0.10.2), so on the CPU remat saves nothing
 (models.build_model warns).
 """
