@@ -12,6 +12,9 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ['numerics', 'layer', 'train_step', 'resnet']
+# About 2 CPU minutes of compiles (a fifth of the default suite's budget): -m slow, like the
+# other benchmarks' smallest runs in test_scripts.py.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')
