@@ -293,13 +293,14 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
   path.write_text(
     SWEEP_FILE.format(steps=4, runs_dir='runs').replace(
       "[{'seed': 0}, {'sparsity': 0.5, 'rule': 'rigl', 'seed': 0}, {'seed': 1}]",
-      "[{'rule': 'nope'}, {'seed': 0}]",
+      # Found by the trainer, not by the sweep's checks (which do not load the data).
+      "[{'batch_size': 4096}, {'seed': 0}]",
     )
   )
   out = run_cli(str(path))
   assert out.returncode == 1
-  assert 'rule-nope: FAILED (exit 2)' in out.stdout
-  assert 'error: unknown' in out.stdout and "'nope'" in out.stdout  # the trainer's own message
+  assert 'batch_size-4096: FAILED (exit 2)' in out.stdout
+  assert 'error: batch_size=4096 is larger than the train split' in out.stdout  # the trainer's
   assert 'sweep finished: 1/2 done, 1 failed' in out.stdout
   assert os.path.exists(tmp_path / 'runs/seed-0/summary.json')
 
