@@ -131,7 +131,7 @@ def overhead(name: str, rules: list[str], windows: int) -> dict[str, float]:
     for r in rules:
       c = cases[r]
       t_step, c[2] = timed(c[1], c[2], c[3], 1, n)
-      if c[0].updates_masks:
+      if c[0].changes_masks:
         t_update, c[2] = timed(c[1], c[2], c[3], EVERY, max(1, n // 4))
         t_step = ((EVERY - 1) * t_step + t_update) / EVERY
       t_after, d[2] = timed(d[1], d[2], d[3], 1, n)
@@ -165,7 +165,7 @@ def update_time(rule_name: str, n: int) -> float:
         'layer': {'gse_outputs': jax.random.normal(jax.random.PRNGKey(4), (64, d_out))}
       },
     }
-  fn = jax.jit(rule.update)
+  fn = jax.jit(rule.update_masks)
   step = jnp.asarray(EVERY, jnp.int32)
   jax.block_until_ready(fn(sstate, params, g, opt_state, step, None, aux))
   times = []

@@ -210,9 +210,12 @@ def apply_short_forms(c: ml_collections.ConfigDict, args: dict[str, str | bool])
   if 'rule' in args:
     c.sparsity.rule = str(args['rule'])
   if c.sparsity.rule == 'dense' and c.sparsity.level > 0:
+    importlib.import_module('sift_jax.sparsity')  # registers the rules
+    rules = importlib.import_module('sift_jax.registry').RULES
+    sparse = ', '.join(n for n in rules.names() if rules.get(n).has_masks)
     raise ConfigError(
       f'rule=dense with sparsity={c.sparsity.level}: a dense run has no sparsity; '
-      'pick a rule (static, set, rigl, topkast, gse, gmp) or drop sparsity='
+      f'pick a rule ({sparse}) or drop sparsity='
     )
 
 
@@ -403,7 +406,7 @@ def _check_block_program(config: ml_collections.ConfigDict, meta: dict | None) -
   with warnings.catch_warnings():  # the trainer's own make_rule gives the rule's warnings
     warnings.simplefilter('ignore')
     rule = sparsity.make_rule(rule_config, variables['params'], sparse_kernel_paths(variables))
-  counts = rule.rule.per_layer(rule.counts)
+  counts = rule.per_layer(rule.execution.counts)
   over = [
     (layer, k) for layer, k in zip(rule.layers, counts, strict=True) if k > MAX_BLOCKS_PER_COLUMN
   ]

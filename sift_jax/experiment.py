@@ -32,7 +32,6 @@ from sift_jax import (
 )
 from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.sift import report as sift_report
-from sift_jax.sparsity import blocked
 from sift_jax.state import TrainState
 
 
@@ -157,11 +156,8 @@ def build_experiment(
       rng=k_train,
     )
 
-  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
-  abstract = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    abstract,
-    sharding.state_shardings(mesh, abstract, config.mesh.fsdp_min_size),
+  abstract = with_shardings(
+    jax.eval_shape(init_state, jax.random.PRNGKey(config.seed)), mesh, config
   )
   return Experiment(
     config=config,
@@ -180,22 +176,37 @@ def build_experiment(
   )
 
 
+def with_shardings(abstract: Any, mesh: Any, config: ml_collections.ConfigDict) -> Any:
+  """An abstract state's ShapeDtypeStructs carrying the run's shardings."""
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract,
+    sharding.state_shardings(mesh, abstract, config.mesh.fsdp_min_size),
+  )
+
+
 def restore(exp: Experiment, ckpt: checkpointing.Checkpointer) -> tuple[Any, int] | None:
-  """The latest checkpoint as (state, step); one written under the other sparsity.execution is
-  restored in that mode's shapes and converted (blocked.convert_state)."""
+  """The latest checkpoint as (state, step); one written under another sparsity.execution is
+  restored in that execution's layout of the same rule and converted (sparsity.convert_state)."""
   try:
     return ckpt.restore_latest(exp.abstract_state)
   except checkpointing.CheckpointMismatchError as mismatch:
-    config = exp.config.copy_and_resolve_references()
-    current = config.sparsity.get('execution', 'masked')
-    config.sparsity.execution = 'masked' if current == 'block_sparse' else 'block_sparse'
-    try:
-      other = build_experiment(config, exp.meta)  # the data is not needed again
-      state, step = ckpt.restore_latest(other.abstract_state)
-    except (ValueError, checkpointing.CheckpointMismatchError):
-      raise mismatch from None
-  state = blocked.convert_state(state, other.rule, exp.rule)
-  return jax.device_put(state, exp.state_shardings()), step
+    current = exp.rule.execution
+    for name in sparsity.EXECUTIONS.names():
+      if name == current.name:
+        continue
+      try:
+        other = sparsity.with_execution(exp.rule, name).execution
+        convert = functools.partial(
+          sparsity.convert_state, source=current, target=other, check=False
+        )
+        abstract = with_shardings(jax.eval_shape(convert, exp.abstract_state), exp.mesh, exp.config)
+        state, step = ckpt.restore_latest(abstract)
+      except (ValueError, checkpointing.CheckpointMismatchError):
+        continue
+      state = sparsity.convert_state(state, other, current)
+      return jax.device_put(state, exp.state_shardings()), step
+    raise mismatch from None
 
 
 def throughput(exp: Experiment, step_time_s: float) -> dict[str, float]:
@@ -215,9 +226,7 @@ def train_flops(exp: Experiment, densities, step: int) -> float:
 
 def masked_view(state: TrainState, exp: Experiment) -> TrainState:
   """The state with dense-shaped params and masks (block-sparse execution unpacked)."""
-  if not isinstance(exp.rule, blocked.BlockRule):
-    return state
-  sstate, dense_params = exp.rule.unpack(state.sparsity, state.params)
+  sstate, dense_params = exp.rule.execution.to_masked(state.sparsity, state.params)
   return state.replace(params=dense_params, sparsity=sstate)
 
 

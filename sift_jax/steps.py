@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from sift_jax import sharding
-from sift_jax.sparsity import blocked
+from sift_jax.sparsity import sparse_apply
 from sift_jax.state import TrainState
 
 
@@ -56,9 +56,10 @@ def make_train_step(model, tx, schedule, rule, task: Task, c: ml_collections.Con
   """Returns the pure step (state, batch) -> (state, metrics); the caller jits it.
 
   The data flow is docs/design.md's: gradients are taken w.r.t. the weights the forward pass uses
-  (dense even where masked: RigL's grow score), the rule maps them to the params, the optimizer
-  step is masked afterwards, then the rule updates masks under lax.cond on its schedule. A rule
-  that needs layer inputs and output gradients (GSE) gets them through zero perturbations.
+  (dense even where masked: RigL's grow score), then `sparsity.sparse_apply`: the rule maps them
+  to the params, the optimizer step is masked afterwards, then the rule updates masks under
+  lax.cond on its schedule. A rule that needs layer inputs and output gradients (GSE) gets them
+  through zero perturbations.
   """
   accum = c.optim.grad_accum_steps
   smoothing = c.optim.label_smoothing
@@ -70,10 +71,7 @@ def make_train_step(model, tx, schedule, rule, task: Task, c: ml_collections.Con
     if rule.needs_aux:
       variables['perturbations'] = perts
       mutable.append('intermediates')
-    with rule.capture():
-      logits, mutated = model.apply(
-        variables, x, train=True, rngs={'dropout': rng}, mutable=mutable
-      )
+    logits, mutated = model.apply(variables, x, train=True, rngs={'dropout': rng}, mutable=mutable)
     inputs = mutated.pop('intermediates', None)
     loss = cross_entropy(logits, y, smoothing).mean()
     correct = (logits.argmax(-1) == y).mean()
@@ -101,32 +99,37 @@ def make_train_step(model, tx, schedule, rule, task: Task, c: ml_collections.Con
 
     model_state, g_fwd, loss, correct, captured = state.model_state, None, 0.0, 0.0, []
     for i in range(accum):
-      with blocked.execute(rule, state.sparsity):  # block-sparse layers, or nothing
+      with rule.execute(state.sparsity):  # block-sparse layers, GSE's capture, or nothing
         (loss_i, (model_state, acc, inputs)), (g, g_out) = grads_at(fwd, i, model_state, perts)
       g_fwd = g if g_fwd is None else jax.tree.map(jnp.add, g_fwd, g)
       loss, correct = loss + loss_i, correct + acc
       captured.append((inputs, g_out))
     g_fwd = jax.tree.map(lambda g: g / accum, g_fwd)
-    aux = None
-    if isinstance(rule, blocked.BlockRule) and not rule.needs_aux:
-      # Block-sparse execution: the masked rule's dense gradient, of the same batch and weights,
-      # computed by the rule on its update steps only.
+    dense_grad = None
+    if rule.execution.needs_dense_grad:
+      # Block-sparse RigL: the masked model's dense gradient of the same batch at masked-form
+      # weights, which the update computes on its update steps only.
       def dense_grad(w):
         gs = [grads_at(w, i, state.model_state, None)[1][0] for i in range(accum)]
         return jax.tree.map(lambda *g: sum(g) / accum, *gs)
 
-      aux = (dense_grad, state.params)
+    aux = None
     if rule.needs_aux:
       # Rows of all microbatches side by side; output grads scaled like the averaged gradient.
       inputs, g_out = jax.tree.map(lambda *v: jnp.concatenate(v), *captured)
       aux = {'intermediates': inputs, 'perturbations': jax.tree.map(lambda g: g / accum, g_out)}
 
-    grads = rule.param_grads(state.sparsity, state.params, g_fwd)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = rule.mask_updates(state.sparsity, updates)
-    params = optax.apply_updates(state.params, updates)
-    sstate, params, opt_state = rule.update(
-      state.sparsity, params, g_fwd, opt_state, state.step, rng, aux
+    sstate, params, opt_state = sparse_apply(
+      rule,
+      tx,
+      state.sparsity,
+      state.params,
+      state.opt_state,
+      g_fwd,
+      state.step,
+      rng,
+      aux=aux,
+      dense_grad=dense_grad,
     )
     new_state = state.replace(
       step=state.step + 1,
@@ -152,7 +155,7 @@ def make_eval_step(model, rule, task: Task):
   def step(state: TrainState, batch: dict[str, jax.Array]):
     x, y = task.inputs_and_labels(batch)
     fwd = rule.forward_params(state.sparsity, state.params)
-    with blocked.execute(rule, state.sparsity):
+    with rule.execute(state.sparsity):
       logits = model.apply({'params': fwd, **state.model_state}, x, train=False)
     loss = cross_entropy(logits, y, 0.0)
     correct = (logits.argmax(-1) == y).astype(jnp.float32)

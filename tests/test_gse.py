@@ -142,12 +142,14 @@ class ConvHarness:
       return jnp.mean((out - self.y) ** 2), mut['intermediates']
 
     fwd = self.rule.forward_params(self.sstate, self.params)
-    with self.rule.capture():
+    with self.rule.execute(self.sstate):
       (_, inter), (g, g_out) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(fwd, self.perts)
     return g, {'intermediates': inter, 'perturbations': g_out}
 
   def update(self, g, aux, step=2):
-    return jax.jit(self.rule.update)(self.sstate, self.params, g, self.opt_state, step, None, aux)
+    return jax.jit(self.rule.update_masks)(
+      self.sstate, self.params, g, self.opt_state, step, None, aux
+    )
 
 
 @functools.cache
@@ -198,9 +200,9 @@ def test_gse_conv_update_forms_no_dense_gradient(monkeypatch):
   monkeypatch.setattr(gse, '_CHUNK', 4 * 150)  # c1: N = 5 * 6 * 5 = 150 rows per sample
   h = harness()
   g, aux = h.grads()
-  closed = jax.make_jaxpr(lambda a: h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, a))(
-    aux
-  )
+  closed = jax.make_jaxpr(
+    lambda a: h.rule.update_masks(h.sstate, h.params, g, h.opt_state, 2, None, a)
+  )(aux)
   prims, sizes = set(), []
   _walk(closed.jaxpr, prims, sizes)
   assert 'cond' in prims and 'gather' in prims

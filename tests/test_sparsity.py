@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sift_jax import config_lib, sparsity
+from sift_jax.registry import RULES
 from sift_jax.sparsity import gse, plan, schedules, select
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,7 @@ class Harness:
       else None
     )
     self.step_fn = jax.jit(self._step)
-    self.update = jax.jit(self.rule.update)
+    self.update = jax.jit(self.rule.update_masks)
 
   def grads(self, sstate, params):
     fwd = self.rule.forward_params(sstate, params)
@@ -86,18 +87,14 @@ class Harness:
       out, mut = self.model.apply(v, self.x, mutable=['intermediates'])
       return jnp.mean((out - self.y) ** 2), mut.get('intermediates', {})
 
-    with self.rule.capture():
+    with self.rule.execute(sstate):
       (_, inter), (g, gp) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(fwd, self.perts)
     aux = {'intermediates': inter, 'perturbations': gp} if self.rule.needs_aux else None
     return g, aux
 
   def _step(self, sstate, params, opt_state, step):
     g, aux = self.grads(sstate, params)
-    grads = self.rule.param_grads(sstate, params, g)
-    updates, opt_state = self.tx.update(grads, opt_state, params)
-    updates = self.rule.mask_updates(sstate, updates)
-    params = optax.apply_updates(params, updates)
-    return self.rule.update(sstate, params, g, opt_state, step, None, aux)
+    return sparsity.sparse_apply(self.rule, self.tx, sstate, params, opt_state, g, step, aux=aux)
 
   def reset(self):
     self.sstate, self.params, self.opt_state = self.start
@@ -252,7 +249,7 @@ def test_every_sparse_layer_keeps_one_active_weight(caplog):
     rule = sparsity.make_rule(c, params, [('a', 'kernel'), ('b', 'kernel')])
   assert 'a/kernel (s=0.99, n=45)' in caplog.text
   sstate, p = jax.jit(rule.init)(params, jax.random.PRNGKey(0))
-  update, opt = jax.jit(rule.update), optax.sgd(0.1).init(p)
+  update, opt = jax.jit(rule.update_masks), optax.sgd(0.1).init(p)
   for step in range(c.total_steps):
     sstate, p, opt = update(sstate, p, jax.tree.map(jnp.cos, p), opt, step)
   assert int(np.asarray(sstate['masks']['a']['kernel']).sum()) == 1
@@ -487,7 +484,9 @@ def test_gse_sampled_grads_and_grow_prune(monkeypatch):
   np.testing.assert_array_equal(h.layer(new2['masks'], 'fc0'), m)
   # No dense weight gradient: neither a matmul nor a (batch, D_in, D_out) product.
   text = str(
-    jax.make_jaxpr(lambda a: h.rule.update(h.sstate, h.params, g, h.opt_state, 2, None, a))(aux)
+    jax.make_jaxpr(lambda a: h.rule.update_masks(h.sstate, h.params, g, h.opt_state, 2, None, a))(
+      aux
+    )
   )
   assert 'dot_general' not in text and 'f32[6,17,23]' not in text
 
@@ -577,7 +576,7 @@ def test_every_rule_holds_the_plans_exact_count(rule_name):
   assert {layer.name: layer.active for layer in rule.layers} == expect
   sstate, p = jax.jit(rule.init)(params, jax.random.PRNGKey(0))
   opt = optax.sgd(0.1).init(p)
-  update = jax.jit(rule.update)
+  update = jax.jit(rule.update_masks)
   for step in range(c.total_steps):
     g = jax.tree.map(lambda x, step=step: jnp.sin(x * (step + 2.0)), p)
     sstate, p, opt = update(sstate, p, g, opt, step)
@@ -656,10 +655,59 @@ def test_wrap_optax_trains_at_exact_density(rule_name):
 
 def test_wrap_optax_bad_input():
   params = {'a': {'kernel': jnp.ones((8, 8))}}
-  with pytest.raises(ValueError, match=r"unknown sparsity option\(s\) \['update_every'\]"):
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['update_every'\] of rule 'rigl'"):
     sparsity.wrap_optax(optax.sgd(0.1), params, level=0.5, total_steps=9, update_every=3)
   with pytest.raises(ValueError, match='use make_rule'):
     sparsity.wrap_optax(optax.sgd(0.1), params, level=0.5, total_steps=9, rule='gse')
+
+
+def test_rule_options_are_the_config_keys_with_their_defaults():
+  """Every rule's keyword options and the plan's are `sparsity` config keys with the same
+  defaults, so build_rule(**kwargs) and make_rule(config) cannot drift apart."""
+  s = config_lib.base_config().sparsity
+  for name in ('dense', 'static', 'set', 'rigl', 'topkast', 'gse', 'gmp'):
+    options = {**sparsity.PLAN_OPTIONS, **RULES.get(name).options()}
+    options.pop('total_steps')
+    assert {k: s[k] for k in options} == options, name
+
+
+def test_build_rule_with_keywords_equals_make_rule_from_config():
+  params = {f'l{i}': {'kernel': jnp.ones((12, 12))} for i in range(3)}
+  paths = [('l0', 'kernel'), ('l1', 'kernel')]
+  options = dict(update_every_steps=2, backward_level=0.4, topkast_every_steps=3)
+  c = make_config('topkast', 0.8, **options)
+  from_config = sparsity.make_rule(c, params, paths)
+  keywords = sparsity.build_rule('topkast', params, paths, level=0.8, total_steps=40, **options)
+  assert keywords.layers == from_config.layers
+  assert keywords.backward_blocks == from_config.backward_blocks
+  assert keywords.schedule == from_config.schedule and keywords.penalty == 1e-4
+  direct = RULES.get('topkast').from_config(c, params, from_config.layers)
+  assert direct.backward_blocks == from_config.backward_blocks
+  assert direct.schedule == from_config.schedule
+  chex.assert_trees_all_equal(
+    keywords.init(params, jax.random.PRNGKey(0)), from_config.init(params, jax.random.PRNGKey(0))
+  )
+  with pytest.raises(ValueError, match=r"unknown option\(s\) \['gse_gamma'\] of rule 'rigl'"):
+    sparsity.build_rule('rigl', params, level=0.5, total_steps=9, gse_gamma=2.0)
+
+
+def test_topkast_penalty_is_the_same_in_either_execution():
+  """One penalty: its value and gradient on the stored blocks equal the masked ones there."""
+  kw = dict(widths=(8, 4), d_in=6, level=0.5, block_shape=(2, 2), balanced=True)
+  masked = Harness('topkast', **kw)
+  block = Harness('topkast', execution='block_sparse', **kw)
+  params = jax.tree.map(lambda p: p + 0.5, masked.params)  # nonzero everywhere
+  sstate_b, params_b = block.rule.execution.from_masked(masked.sstate, params)
+  np.testing.assert_allclose(
+    block.rule.loss_penalty(sstate_b, params_b),
+    masked.rule.loss_penalty(masked.sstate, params),
+    rtol=1e-6,
+  )
+  zero = jax.tree.map(jnp.zeros_like, params)
+  g_masked = masked.rule.param_grads(masked.sstate, params, zero)
+  g_block = block.rule.param_grads(sstate_b, params_b, jax.tree.map(jnp.zeros_like, params_b))
+  expanded = block.rule.execution.masked_params(sstate_b, g_block)
+  np.testing.assert_allclose(expanded['fc0']['kernel'], g_masked['fc0']['kernel'], rtol=1e-6)
 
 
 # ----- optimizer state, other trees, resume, sharding, export
@@ -691,7 +739,7 @@ def test_nnx_state():
   sstate, params = jax.jit(rule.init)(state, jax.random.PRNGKey(0))
   g = jax.tree.map(lambda p: jnp.cos(p * 3.0), params)
   opt = optax.adam(0.1).init(params)
-  new, params2, opt2 = jax.jit(rule.update)(sstate, params, g, opt, 2)
+  new, params2, opt2 = jax.jit(rule.update_masks)(sstate, params, g, opt, 2)
   m = np.asarray(jax.tree.leaves(sparsity.masks_of(new))[0])
   assert m.shape == (16, 16) and m.sum() == 64
   assert sparsity.layer_densities(sparsity.masks_of(new)) == {('l2', 'kernel'): 0.25}
@@ -738,9 +786,9 @@ SHARDED = textwrap.dedent(
     rule = sparsity.make_rule(make_config(rule_name, 0.9), params, [('a', 'kernel'), ('b', 'kernel')])
     sstate, p = rule.init(params, jax.random.PRNGKey(3))
     opt = optax.adam(0.1).init(p)
-    ref = jax.jit(rule.update)(sstate, p, g, opt, 2)
+    ref = jax.jit(rule.update_masks)(sstate, p, g, opt, 2)
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, shard) if x.ndim == 2 else x, t)
-    out = jax.jit(rule.update)(put(sstate), put(p), put(g), put(opt), 2)
+    out = jax.jit(rule.update_masks)(put(sstate), put(p), put(g), put(opt), 2)
     assert jax.tree.leaves(out[0]['masks'])[0].sharding.num_devices == 8
     for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -3,7 +3,7 @@
 `masked`: Flax Dense / Conv whose kernels are declared sparse and run as masked dense compute.
 `block`: balanced block-sparse storage of a Dense kernel, its gather-matmul and the conversions
 to and from masked state; `block_dense`: the block-sparse Dense layer; `pallas_kernel`: the
-gather-matmul as a Pallas kernel (GPU / TPU); `execution`: runs a model's masked Dense layers
+gather-matmul as a Pallas kernel (GPU / TPU); `block_model`: runs a model's masked Dense layers
 block-sparse and converts its state between the two modes.
 This package imports nothing else of sift_jax, so the model factory (sift_jax.models.layers) and
 the Sparse-IFT members (sift_jax.sift) can both import it at module level without a circle.
@@ -17,7 +17,7 @@ from sift_jax.sparse_layers.block import (
   to_masked,
 )
 from sift_jax.sparse_layers.block_dense import BLOCK_COLLECTION, BlockSparseDense, block_matmul
-from sift_jax.sparse_layers.execution import block_execution, to_block_state, to_masked_state
+from sift_jax.sparse_layers.block_model import block_execution, to_block_state, to_masked_state
 from sift_jax.sparse_layers.masked import (
   SPARSE_COLLECTION,
   ConvNorm,

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import scipy.sparse
 
-from sift_jax.sparsity.blocked import unpack_state
+from sift_jax.sparsity.execution import unpack_state
 from sift_jax.sparsity.plan import path_of
 
 

@@ -20,7 +20,7 @@ layers (any linen module that owns a sparse kernel and maps its input's last axi
 nn.Dense, nn.DenseGeneral(axis=-1), nn.Conv or the factory's SparseDense / SparseConv):
 
   perts = rule.zero_perturbations(model, variables, x)   # once, outside the step
-  with rule.capture():
+  with rule.execute(sstate):                             # capture, under either execution
     def loss_fn(fwd, perts):
       out, mutated = model.apply({'params': fwd, 'perturbations': perts, **state}, x,
                                  mutable=[*state, 'intermediates'])
@@ -177,7 +177,8 @@ def _get(tree: Any, path: Sequence[str], what: str) -> Any:
     if not hasattr(node, 'keys') or part not in node:
       raise ValueError(
         f'gse aux has no {what} for layer {"/".join(path)}; did the trainer run the model '
-        'inside rule.capture() with mutable "intermediates" and differentiate the perturbations?'
+        'inside rule.execute(sstate) with mutable "intermediates" and differentiate the '
+        'perturbations?'
       )
     node = node[part]
   return node

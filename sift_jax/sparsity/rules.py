@@ -2,13 +2,14 @@
 
 A rule is a small object of pure functions over pytrees (optax style). Static facts (which
 leaves are sparse, their shapes and exact active counts, the schedules) live on the object;
-everything that changes lives in `sstate`, a dict of arrays checkpointed with the params:
+everything that changes lives in `sstate`, a dict of arrays checkpointed with the params. In
+its masked form (sift_jax.sparsity.execution has the block-sparse one):
 
-  masks   params-shaped tree, bool mask per sparse leaf, None for dense leaves (Top-KAST: set A)
-  ever    the same shape: positions ever active (for `sparsity/itop`)
-  churn   fraction of the active weights that left at the last update
-  key     uint32 key data; update randomness is this key folded with the step
-  updates number of mask updates done
+  masks     params-shaped tree, bool mask per sparse leaf, None for dense leaves (Top-KAST: set A)
+  ever      the same shape: positions ever active (for `sparsity/itop`)
+  churn     fraction of the active weights that left at the last update
+  key       uint32 key data; update randomness is this key folded with the step
+  updates   number of mask updates done (a count: the name is the checkpoints')
   backward  Top-KAST only: set B, the same shape as masks
 
 A new rule subclasses `Rule`, implements `new_masks` and registers itself in `registry.RULES`;
@@ -18,6 +19,8 @@ each rule also states its training FLOPs per example (`training_flops`, docs/met
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -25,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from sift_jax.registry import RULES
 from sift_jax.sparsity import gse, select
@@ -96,34 +98,111 @@ def rescale_fan_in(p: jax.Array, m: jax.Array) -> jax.Array:
 
 
 class Rule:
-  """Base rule: masks fixed after init (this is `static`); subclasses change the masks."""
+  """Base rule: masks fixed after init (this is `static`); subclasses change the masks.
 
+  A rule decides which weights are active; its `execution` (sift_jax.sparsity.execution, chosen
+  by the `execution` option) stores and runs them, masked or block-sparse, and is what `init`,
+  `forward_params`, `param_grads`, `restrict_updates`, `update_masks`, `metrics` and `execute`
+  go through. What an execution needs from a rule it reads from these facts:
+
+    has_masks         False: the dense rule (no plan, sparsity.level 0)
+    changes_masks     False: masks never change after init
+    needs_aux         GSE: its update reads each layer's inputs and output gradients
+    needs_dense_grad  RigL: it grows by the dense gradient (block-sparse execution computes one
+                      on update steps only)
+    trained_key       the state entry of the set the optimizer moves ('masks', or Top-KAST's
+                      stored backward set 'backward'); `trained_blocks` its blocks per layer
+    keeps_inactive    Top-KAST: weights outside the trained set keep their values (dense theta)
+    penalty           Top-KAST: lambda of the regulariser with per-weight `penalty_weights`
+    keeps_balance     the rule keeps balanced (per-column) masks, so it runs block-sparse
+
+  Options are keyword arguments (`Rule(shapes, layers, total_steps=..., update_every_steps=...)`)
+  named as the keys of the config's `sparsity` group; `from_config` reads them from a run config.
+  """
+
+  has_masks = True
+  changes_masks = True
   needs_aux = False
-  updates_masks = True  # False: masks never change after init
+  needs_dense_grad = False
+  trained_key = 'masks'
+  keeps_inactive = False
+  penalty: float | None = None
+  keeps_balance = False
+  # Set by build_rule: what `sparsity.with_execution` rebuilds the rule from.
+  build_args: tuple[str, Any, Any, dict[str, Any]] | None = None
   # The config keys that set the update window, for messages.
   every_key = 'sparsity.update_every_steps'
   end_key = 'sparsity.end_fraction * total_steps'
-  keeps_balance = True  # False: the rule cannot keep balanced (per-column) masks
 
   def __init__(
-    self, config: ml_collections.ConfigDict, params_shapes: Any, layers: list[Layer]
+    self,
+    params_shapes: Any,
+    layers: list[Layer],
+    *,
+    total_steps: int,
+    update_every_steps: int = 100,
+    start_step: int = 0,
+    end_fraction: float = 0.75,
+    drop_fraction: float = 0.3,
+    drop_schedule: str = 'cosine',
+    drop_decay: float = 0.1,
+    regrow_dropped: bool = True,
+    init_rescale: bool = False,
+    execution: str = 'masked',
   ) -> None:
-    s = config.sparsity
-    self.config = config
+    from sift_jax.sparsity import execution as execution_lib  # it imports this module
+
     self.layers = layers
     flat, self.treedef = jax.tree_util.tree_flatten_with_path(params_shapes)
     self.paths = [path_of(kp) for kp, _ in flat]
     self.shapes = [tuple(leaf.shape) for _, leaf in flat]
-    end = end_step(config.total_steps, s.end_fraction)
-    self.schedule = UpdateSchedule(int(s.update_every_steps), int(s.start_step), end)
-    self.drop = DropSchedule(s.drop_schedule, float(s.drop_fraction), end, float(s.drop_decay))
-    self.regrow_dropped = bool(s.regrow_dropped)
-    self.init_rescale = bool(s.init_rescale)
+    self.total_steps = int(total_steps)
+    end = end_step(self.total_steps, end_fraction)
+    self.schedule = UpdateSchedule(int(update_every_steps), int(start_step), end)
+    self.drop = DropSchedule(drop_schedule, float(drop_fraction), end, float(drop_decay))
+    self.regrow_dropped = bool(regrow_dropped)
+    self.init_rescale = bool(init_rescale)
     if not self.keeps_balance and any(layer.balanced for layer in layers):
       raise ValueError(
-        f'sparsity.rule={s.rule!r} cannot keep balanced masks (sparsity.balanced or '
-        'sparsity.execution=block_sparse); allowed: static, set, rigl, topkast, gse'
+        f'sparsity.rule={self.name()!r} cannot keep balanced masks (sparsity.balanced or '
+        f'sparsity.execution=block_sparse); allowed: {", ".join(balanced_rules())}'
       )
+    self._execution_type = execution_lib.EXECUTIONS.get(execution)
+
+  @functools.cached_property
+  def execution(self) -> Any:
+    """The execution (sift_jax.sparsity.execution) storing and running this rule's state; made
+    on first use, once a subclass's __init__ has set what it reads (Top-KAST's B)."""
+    return self._execution_type(self)
+
+  @classmethod
+  def options(cls) -> dict[str, Any]:
+    """The rule's keyword options (config `sparsity` keys) and their defaults."""
+    out = {}
+    for klass in reversed(cls.__mro__):
+      if '__init__' in vars(klass) and issubclass(klass, Rule):
+        params = inspect.signature(klass.__init__).parameters.values()
+        out.update({p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY})
+    return out
+
+  @classmethod
+  def from_config(
+    cls, config: ml_collections.ConfigDict, params_shapes: Any, layers: list[Layer]
+  ) -> Rule:
+    """The rule with its options read from a run config (`sparsity` group and total_steps)."""
+    s = config.sparsity
+    names = set(cls.options()) - {'total_steps'}
+    return cls(
+      params_shapes,
+      layers,
+      total_steps=int(config.total_steps),
+      **{k: s[k] for k in names if k in s},
+    )
+
+  @classmethod
+  def name(cls) -> str:
+    """The registered name, for messages (the class name for an unregistered rule)."""
+    return next((n for n in RULES.names() if RULES.get(n) is cls), cls.__name__)
 
   def window(self) -> str:
     """The update window in words, naming the keys that set it."""
@@ -145,68 +224,64 @@ class Rule:
       leaves[layer.index] = v
     return jax.tree.unflatten(self.treedef, leaves)
 
-  def _map(self, fn, tree: Any, masks: Any) -> Any:
+  def map_masked(self, fn, tree: Any, masks: Any) -> Any:
     """Applies fn(leaf, mask) to the sparse leaves of a params-shaped tree."""
     new = [fn(x, m) for x, m in zip(self.per_layer(tree), self.per_layer(masks), strict=True)]
     return self.as_tree(new, base=tree)
 
-  # ----- the interface the trainer uses
+  # ----- what the rule decides (masked form: bool masks the kernels' shapes)
   def initial_masks(self, params: Any, key: jax.Array) -> dict[str, Any]:
+    """The initial state entries, at least 'masks', with the plan's exact counts."""
     masks = [
       _random(jax.random.fold_in(key, layer.index), layer, layer.active_blocks)
       for layer in self.layers
     ]
     return {'masks': self.as_tree(masks)}
 
-  def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
-    """Initial masks with exact counts; returns (sstate, params masked and optionally rescaled)."""
-    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-      rng = jax.random.key_data(rng)
-    key = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
-    sstate = self.initial_masks(params, jax.random.fold_in(key, 1))
-    sstate.update(
-      ever=sstate['masks'],
-      churn=jnp.zeros((), jnp.float32),
-      key=jax.random.key_data(jax.random.fold_in(key, 2)),
-      updates=jnp.zeros((), jnp.int32),
-    )
-    if self.init_rescale:
-      params = self._map(rescale_fan_in, params, sstate['masks'])
-    return sstate, self.init_params(sstate, params)
+  def new_masks(self, sstate, params, g_fwd, step, key, aux) -> dict[str, Any]:
+    """The state entries (at least 'masks') of a mask update; `g_fwd` is the dense gradient."""
+    raise NotImplementedError(f'{type(self).__name__} changes masks but has no new_masks')
 
-  def init_params(self, sstate: dict[str, Any], params: Any) -> Any:
-    return self.forward_params(sstate, params)
+  @property
+  def trained_blocks(self) -> list[int]:
+    """Each layer's block count of the trained set (`trained_key`)."""
+    return [layer.active_blocks for layer in self.layers]
+
+  def penalty_weights(self, layer: Layer, forward: Any, trained: Any) -> jax.Array:
+    """The weight of theta^2 in the penalty, from bool (or broadcastable) set memberships."""
+    raise NotImplementedError(f'{type(self).__name__} has no penalty')
+
+  def capture(self) -> contextlib.AbstractContextManager:
+    """Context for the model's apply; only GSE captures anything (see gse.py)."""
+    return contextlib.nullcontext()
+
+  # ----- the step, through the execution (masked or block-sparse state)
+  def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
+    """Initial masks with exact counts; returns (sstate, params as the execution stores them)."""
+    return self.execution.init(params, rng)
 
   def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
-    """The weights the forward pass uses: masked weights are exactly zero."""
-    return self._map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, sstate['masks'])
+    """The weights the forward pass uses (run the model inside `execute(sstate)`)."""
+    return self.execution.forward_params(sstate, params)
 
-  def trained_set(self, sstate: dict[str, Any]) -> Any:
-    """The positions the optimizer may move (the masks; Top-KAST: set B)."""
-    return sstate['masks']
+  def execute(self, sstate: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """The context the model's apply runs in (block-sparse layers, GSE's capture)."""
+    return self.execution.context(sstate)
 
   def param_grads(self, sstate: dict[str, Any], params: Any, g_fwd: Any) -> Any:
     """Gradients w.r.t. the params from those w.r.t. the forward weights, on the trained set."""
-    del params
-    return self.mask_updates(sstate, g_fwd)
+    return self.execution.param_grads(sstate, params, g_fwd)
 
-  def mask_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
-    """Zeroes optimizer updates outside the trained set (after the optimizer: momentum and
+  def restrict_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
+    """Optimizer updates zeroed outside the trained set (after the optimizer: momentum and
     decoupled weight decay never move an inactive weight)."""
-    return self._map(
-      lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, self.trained_set(sstate)
-    )
-
-  def capture(self) -> contextlib.AbstractContextManager:
-    """Context for the trainer's model.apply; only GSE captures anything (see gse.py)."""
-    return contextlib.nullcontext()
+    return self.execution.restrict_updates(sstate, updates)
 
   def loss_penalty(self, sstate: dict[str, Any], params: Any) -> jax.Array:
-    """The rule's regulariser, for reporting (param_grads already adds its gradient)."""
-    del sstate, params
-    return jnp.zeros((), jnp.float32)
+    """The rule's regulariser, for reporting (`param_grads` already adds its gradient)."""
+    return self.execution.loss_penalty(sstate, params)
 
-  def update(
+  def update_masks(
     self,
     sstate: dict[str, Any],
     params: Any,
@@ -215,64 +290,25 @@ class Rule:
     step: jax.Array,
     rng: jax.Array | None = None,
     aux: Any = None,
+    grow_grad: Any = None,
   ) -> tuple[dict[str, Any], Any, Any]:
-    """Runs the mask update when the schedule says so and the gradients are finite.
+    """The mask update when the schedule says so (after the optimizer step, under lax.cond).
 
-    Finite means a finite global norm (no NaN or Inf, and no overflowing norm): the trainer logs
-    the same norm, so XLA computes it once, where a separate isfinite pass over every gradient
-    would cost ~5% of a small model's step.
-
-    Randomness is `rng` (or the state's key) folded with the step, so every device draws the
-    same masks. Static shapes throughout: the step compiles once.
+    `aux`: GSE's captured layer inputs and output gradients; `grow_grad`: a function returning
+    the dense gradient (masked form) that block-sparse execution calls on update steps when
+    `needs_dense_grad` (`sparse_apply` builds it). See `execution.Masked.update_masks`.
     """
-    if not self.updates_masks or not self.layers:
-      return sstate, params, opt_state
-    step = jnp.asarray(step, jnp.int32)
-    finite = jnp.isfinite(optax.global_norm(g_fwd))
-    base = sstate['key'] if rng is None else rng
-    if jax.dtypes.issubdtype(base.dtype, jax.dtypes.prng_key):
-      base = jax.random.key_data(base)
-    key = jax.random.fold_in(jax.random.wrap_key_data(base), step)
+    return self.execution.update_masks(sstate, params, g_fwd, opt_state, step, rng, aux, grow_grad)
 
-    def run(operands):
-      sstate, params, opt_state = operands
-      return self._apply(sstate, params, g_fwd, opt_state, step, key, aux)
+  def metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
+    """Density, churn and in-time over-parameterisation of the state (`mask_metrics`)."""
+    return self.mask_metrics(self.execution.masked_sstate(sstate))
 
-    return jax.lax.cond(
-      self.schedule.is_update(step) & finite, run, lambda o: o, (sstate, params, opt_state)
+  def zero_perturbations(self, model, variables: Any, *args, **kwargs) -> Any:
+    """GSE's zero 'perturbations' collection (output-shaped) for model.apply(variables, ...)."""
+    return gse.zero_perturbations(
+      model, self.execution.shape_context(variables), variables, *args, **kwargs
     )
-
-  def _apply(self, sstate, params, g_fwd, opt_state, step, key, aux):
-    """Runs the subclass's new_masks (new sstate entries, at least 'masks') and commits them."""
-    new = self.new_masks(sstate, params, g_fwd, step, key, aux)
-    old_masks = self.per_layer(sstate['masks'])
-    masks = self.per_layer(new['masks'])
-    left = sum(_count(o & ~m) for o, m in zip(old_masks, masks, strict=True))
-    before = sum(_count(o) for o in old_masks)
-    # Positions entering the trained set start with zero optimizer state (RigL's regrown
-    # weights; Top-KAST's new members of B), so nothing accumulated outside it leaks in.
-    entered = [
-      n & ~o
-      for o, n in zip(
-        self.per_layer(self.trained_set(sstate)),
-        self.per_layer(self.trained_set(new)),
-        strict=True,
-      )
-    ]
-    sstate = {
-      **sstate,
-      **new,
-      'ever': self.as_tree(
-        [e | m for e, m in zip(self.per_layer(sstate['ever']), masks, strict=True)]
-      ),
-      'churn': left / jnp.maximum(before, 1).astype(jnp.float32),
-      'updates': sstate['updates'] + 1,
-    }
-    return sstate, self.commit_params(sstate, params), self.zero_opt_state(opt_state, entered)
-
-  def commit_params(self, sstate: dict[str, Any], params: Any) -> Any:
-    """Dropped and regrown weights are 0 (regrown ones start at 0)."""
-    return self.forward_params(sstate, params)
 
   def zero_opt_state(self, opt_state: Any, entered: list[jax.Array]) -> Any:
     """Zeroes every optimizer-state leaf of a sparse weight at the positions in `entered`."""
@@ -312,6 +348,7 @@ class Rule:
     """Training FLOPs per example at `step` with the forward masks at `densities` (docs/methods.md
     section 1): forward, input gradients and weight gradients each cost the forward FLOPs at
     the masks' density, 3 f_S. A rule whose step or update costs otherwise overrides this.
+    Block-sparse execution computes the same products.
 
     `report` is a `sift_jax.flops.FlopReport` of the model (its `at_densities` and
     `forward_dense`); `densities` maps sparse kernel paths to their current density.
@@ -324,8 +361,9 @@ class Rule:
     steps = self.schedule.steps()
     return bool(steps) and step <= steps[-1]
 
-  def metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
-    """Global and per-layer density of the forward masks, churn and in-time over-parameterisation."""
+  def mask_metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
+    """Global and per-layer density of the forward masks, churn and in-time over-parameterisation,
+    from a masked-form state."""
     if not self.layers:
       return {'sparsity/density': jnp.ones((), jnp.float32)}
     masks = self.per_layer(sstate['masks'])
@@ -341,11 +379,17 @@ class Rule:
     return out
 
 
+def balanced_rules() -> list[str]:
+  """The registered rules that keep balanced masks (and so run block-sparse)."""
+  return [n for n in RULES.names() if RULES.get(n).keeps_balance]
+
+
 @RULES.register('dense')
 class Dense(Rule):
   """No masks at all (the plan is empty)."""
 
-  updates_masks = False
+  has_masks = False
+  changes_masks = False
 
   def training_flops(self, report: FlopCounts, densities: Densities, step: int) -> float:
     """3 f_D."""
@@ -357,11 +401,14 @@ class Dense(Rule):
 class Static(Rule):
   """Random masks with exact counts, never updated."""
 
-  updates_masks = False
+  changes_masks = False
+  keeps_balance = True
 
 
 class _DropGrow(Rule):
   """Drop the f_t fraction of active weights with the smallest |w|; grow as many elsewhere."""
+
+  keeps_balance = True
 
   def new_masks(self, sstate, params, g_fwd, step, key, aux):
     del aux
@@ -397,6 +444,8 @@ class SET(_DropGrow):
 class RigL(_DropGrow):
   """RigL: regrow where |dL/dw| of the full masked weight on the current batch is largest."""
 
+  needs_dense_grad = True
+
   def training_flops(self, report: FlopCounts, densities: Densities, step: int) -> float:
     """While updating, (3 f_S dT + 2 f_S + f_D) / (dT + 1): one step in dT + 1 computes the
     dense weight gradient it grows from; afterwards 3 f_S."""
@@ -416,27 +465,37 @@ class TopKAST(Rule):
   """Top-KAST: dense theta; forward set A, backward set B (A inside B), exploration penalty.
 
   `masks` hold A and `backward` holds B, both the top magnitudes of theta (one total order, so
-  A is a prefix of B). Weights outside B keep their values and get no update.
+  A is a prefix of B). Weights outside B keep their values and get no update. The penalty
+  lambda (sum_A theta^2 + sum_{B minus A} theta^2 / D), D the forward density, enters through
+  its gradient on B (`param_grads`); train/loss reports the task loss only.
   """
 
   every_key = 'sparsity.topkast_every_steps'
   end_key = 'total_steps'
+  trained_key = 'backward'
+  keeps_inactive = True
+  keeps_balance = True
 
-  def __init__(self, config, params_shapes, layers):
-    super().__init__(config, params_shapes, layers)
-    s = config.sparsity
-    self.penalty = float(s.topkast_penalty)
-    every = int(s.topkast_every_steps)
-    self.schedule = UpdateSchedule(every, int(s.start_step), int(config.total_steps))
-    back = float(s.backward_level)
+  def __init__(
+    self,
+    params_shapes: Any,
+    layers: list[Layer],
+    *,
+    backward_level: float = 0.0,
+    topkast_penalty: float = 1e-4,
+    topkast_every_steps: int = 100,
+    **options: Any,
+  ) -> None:
+    super().__init__(params_shapes, layers, **options)
+    self.penalty = float(topkast_penalty)
+    self.schedule = UpdateSchedule(
+      int(topkast_every_steps), self.schedule.start, int(self.total_steps)
+    )
+    back = float(backward_level)
     check_level(back, 'sparsity.backward_level')
-    if back > float(s.level):
-      raise ValueError(
-        f'sparsity.backward_level={back} is above sparsity.level={s.level}: '
-        'Top-KAST needs the backward set to contain the forward set'
-      )
     # B's densities scale A's and are redistributed as ERK does where a layer would pass 1, so
     # the global backward density meets 1 - backward_level (uniform stays uniform, ERK is ERK).
+    # A layer's B never falls below its A (make_rule refuses backward_level above level).
     sizes = np.array([layer.size for layer in layers], np.float64)
     dens = fill_densities(
       np.array([1.0 - layer.sparsity for layer in layers]), sizes, (1.0 - back) * sizes.sum()
@@ -449,6 +508,10 @@ class TopKAST(Rule):
       for layer, d in zip(layers, dens, strict=True)
     ]
 
+  @property
+  def trained_blocks(self) -> list[int]:
+    return self.backward_blocks
+
   def _sets(self, params):
     ps = self.per_layer(params)
     a = [_topk(p, layer.active_blocks, layer) for layer, p in zip(self.layers, ps, strict=True)]
@@ -460,40 +523,9 @@ class TopKAST(Rule):
   def initial_masks(self, params, key):
     return self._sets(params)
 
-  def init_params(self, sstate, params):
-    return params
-
-  def trained_set(self, sstate):
-    return sstate['backward']
-
-  def _penalty_weights(self, sstate):
-    """Per-layer weight of theta^2 in the penalty: 1 on A, 1/D on B minus A, 0 outside B."""
-    return [
-      jnp.where(a, 1.0, jnp.where(b, 1.0 / (1.0 - layer.sparsity), 0.0))
-      for layer, a, b in zip(
-        self.layers,
-        self.per_layer(sstate['masks']),
-        self.per_layer(sstate['backward']),
-        strict=True,
-      )
-    ]
-
-  def loss_penalty(self, sstate, params):
-    terms = [
-      jnp.sum(w * jnp.square(p))
-      for w, p in zip(self._penalty_weights(sstate), self.per_layer(params), strict=True)
-    ]
-    return self.penalty * sum(terms, jnp.zeros((), jnp.float32))
-
-  def param_grads(self, sstate, params, g_fwd):
-    """Straight-through from A to B: g_fwd plus the penalty's gradient, on B only."""
-    reg = [
-      g + (2.0 * self.penalty) * w * p
-      for g, w, p in zip(
-        self.per_layer(g_fwd), self._penalty_weights(sstate), self.per_layer(params), strict=True
-      )
-    ]
-    return self.mask_updates(sstate, self.as_tree(reg, base=g_fwd))
+  def penalty_weights(self, layer, forward, trained):
+    """1 on A, 1/D on B minus A, 0 outside B."""
+    return jnp.where(forward, 1.0, jnp.where(trained, 1.0 / (1.0 - layer.sparsity), 0.0))
 
   def new_masks(self, sstate, params, g_fwd, step, key, aux):
     return self._sets(params)
@@ -510,11 +542,8 @@ class TopKAST(Rule):
     del step
     return 2.0 * report.at_densities(densities) + report.at_densities(self.backward_densities())
 
-  def commit_params(self, sstate, params):
-    return params
-
-  def metrics(self, sstate):
-    out = super().metrics(sstate)
+  def mask_metrics(self, sstate):
+    out = super().mask_metrics(sstate)
     if self.layers:
       back = self.per_layer(sstate['backward'])
       total = float(sum(layer.size for layer in self.layers))
@@ -536,16 +565,22 @@ class GSE(Rule):
   """
 
   needs_aux = True
+  keeps_balance = True
 
-  def __init__(self, config, params_shapes, layers):
-    super().__init__(config, params_shapes, layers)
-    s = config.sparsity
-    self.gamma = float(s.gse_gamma)
+  def __init__(
+    self,
+    params_shapes: Any,
+    layers: list[Layer],
+    *,
+    gse_gamma: float = 1.0,
+    gse_alpha: float = 0.2,
+    **options: Any,
+  ) -> None:
+    super().__init__(params_shapes, layers, **options)
+    self.gamma = float(gse_gamma)
     if self.gamma <= 0:
       raise ValueError(f'sparsity.gse_gamma={self.gamma} must be > 0')
-    self.grow = DropSchedule(
-      s.drop_schedule, float(s.gse_alpha), self.schedule.end, float(s.drop_decay)
-    )
+    self.grow = DropSchedule(self.drop.kind, float(gse_alpha), self.schedule.end, self.drop.decay)
     for layer in layers:
       if layer.balanced and len(layer.shape) != 2:
         raise ValueError(
@@ -569,10 +604,6 @@ class GSE(Rule):
   def capture(self) -> contextlib.AbstractContextManager:
     """Captures inputs and output gradients, and records each sparse conv's geometry."""
     return gse.capture([self.paths[layer.index] for layer in self.layers], self.convs)
-
-  def zero_perturbations(self, model, variables: Any, *args, **kwargs) -> Any:
-    """The zero 'perturbations' collection the trainer differentiates to get output grads."""
-    return gse.zero_perturbations(model, self.capture, variables, *args, **kwargs)
 
   def new_masks(self, sstate, params, g_fwd, step, key, aux):
     del g_fwd
@@ -629,10 +660,8 @@ class GMP(Rule):
   A window without any update step cannot prune at all and is an error at build time.
   """
 
-  keeps_balance = False
-
-  def __init__(self, config, params_shapes, layers):
-    super().__init__(config, params_shapes, layers)
+  def __init__(self, params_shapes: Any, layers: list[Layer], **options: Any) -> None:
+    super().__init__(params_shapes, layers, **options)
     sch = self.schedule
     if layers and not sch.steps():
       raise ValueError(

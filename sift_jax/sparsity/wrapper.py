@@ -7,9 +7,10 @@
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
 
-The returned transformation runs the rule's whole step (docs/design.md's data flow) inside `update`:
-masked optimizer step, then the mask update on its schedule, with the rule's state (masks, key,
-step count) kept in the optimizer state. The trainer uses the explicit API instead (`make_rule`).
+The returned transformation runs `sparse_apply`, the trainer's sparse step (docs/design.md's data
+flow), inside `update`: masked optimizer step, then the mask update on its schedule, with the
+rule's state (masks, key, step count) kept in the optimizer state. The trainer uses the explicit
+API instead (`make_rule`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-
-from sift_jax import config_lib
 
 
 class SparseState(NamedTuple):
@@ -46,25 +45,21 @@ def wrap_optax(
   """`tx` training the sparse kernels of `params` (arrays or shapes) at sparsity `level`.
 
   `rule` is any registered rule but gse (its update needs layer activations: use `make_rule`);
-  `options` are other keys of the `sparsity` config group (update_every_steps, drop_fraction,
-  distribution, backward_level, ...; see config_lib.base_config). `sparse_paths` None applies
-  the default filter (every kernel but the first and last layer, embeddings and norms).
-  `update` needs `params` and the gradients w.r.t. `masked_params(opt_state, params)`.
+  `options` are the plan's and the rule's keyword options, named as the `sparsity` config keys
+  (update_every_steps, drop_fraction, distribution, backward_level, ...; see `build_rule`).
+  `sparse_paths` None applies the default filter (every kernel but the first and last layer,
+  embeddings and norms). `update` needs `params` and the gradients w.r.t.
+  `masked_params(opt_state, params)`.
   """
-  from sift_jax.sparsity import make_rule  # this module is imported by the package
+  from sift_jax.sparsity import build_rule, sparse_apply  # this module is imported by the package
 
-  config = config_lib.base_config()
-  unknown = sorted(set(options) - set(config.sparsity) | set(options) & {'rule', 'level'})
-  if unknown:
-    raise ValueError(
-      f'unknown sparsity option(s) {unknown}; allowed: '
-      f'{", ".join(sorted(set(config.sparsity) - {"rule", "level"}))}'
-    )
   if options.get('init_rescale'):
     raise ValueError('init_rescale changes the initial params: use make_rule and rule.init')
-  config.total_steps = int(total_steps)
-  config.sparsity.update(rule=rule, level=float(level), **options)
-  sparse = make_rule(config, params, sparse_paths)
+  if options.get('execution', 'masked') != 'masked':
+    raise ValueError('wrap_optax keeps dense params (execution=masked): use make_rule instead')
+  sparse = build_rule(
+    rule, params, sparse_paths, level=float(level), total_steps=total_steps, **options
+  )
   if sparse.needs_aux:
     raise ValueError(
       f"rule={rule!r} needs each layer's inputs and output gradients: use make_rule (README "
@@ -78,10 +73,11 @@ def wrap_optax(
   def update(grads: Any, state: SparseState, params: Any = None) -> tuple[Any, SparseState]:
     if params is None:
       raise ValueError('the sparse optimizer needs params: tx.update(grads, opt_state, params)')
-    base = sparse.init_params(state.sparsity, params)  # inactive weights 0 from the first step
-    updates, inner = tx.update(sparse.param_grads(state.sparsity, base, grads), state.inner, base)
-    new = optax.apply_updates(base, sparse.mask_updates(state.sparsity, updates))
-    sstate, new, inner = sparse.update(state.sparsity, new, grads, inner, state.count)
+    # Inactive weights 0 from the first step (`params` are the caller's, never masked).
+    base = sparse.execution.commit_params(state.sparsity, params)
+    sstate, new, inner = sparse_apply(
+      sparse, tx, state.sparsity, base, state.inner, grads, state.count
+    )
     updates = jax.tree.map(lambda n, p: n - p, new, params)
     return updates, SparseState(inner, sstate, state.count + 1)
 
