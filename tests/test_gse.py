@@ -291,6 +291,7 @@ def test_gse_configs_hold_the_paper_settings():
     assert wide.sparsity.distribution == 'uniform'
 
 
+@pytest.mark.slow  # the GSE trainer path runs by default on the MLP (test_train.py)
 def test_gse_trainer_run_on_a_conv_net(tmp_path):
   """A few steps of GSE on a ResNet-8 through the trainer: exact per-layer counts, masks move."""
   c = config_lib.load_config(os.path.join(REPO, 'configs', 'gse_resnet56_cifar100.py'), 'local')
