@@ -36,24 +36,6 @@ SHORT_FORMS = ('sift', 'sparsity', 'rule', 'seed')
 FLAG_ARGS = ('local', 'smoke')  # `smoke` is `local` cut to SMOKE_STEPS
 SMOKE_STEPS = 30  # a first run through every part of the loop in about 30 s on a CPU
 
-# Keys that only say how long a run is or how often it reports; a resumed run may change them.
-RUN_LENGTH_KEYS = (
-  'total_steps',
-  'log_every_steps',
-  'eval_every_steps',
-  'checkpoint_every_steps',
-  'checkpoint.keep',
-  'eval.max_examples',
-  'progress',
-  'analysis.spectral',  # what is logged, not what is trained
-  'data.workers',  # who builds the batches, not which: they are the same for every count
-  # Where the processes of a run meet is not part of the experiment.
-  'distributed.initialize',
-  'distributed.coordinator_address',
-  'distributed.num_processes',
-  'distributed.process_id',
-)
-
 
 def parse_arg(arg: str | None) -> dict[str, str | bool]:
   """'local,sift=wide,sparsity=0.75' -> {'local': True, 'smoke': False, 'sift': 'wide', ...}.
@@ -391,33 +373,40 @@ def config_value(config: ml_collections.ConfigDict, key: str):
 
 
 def _check_block_program(config: ml_collections.ConfigDict, meta: dict | None) -> None:
-  """Refuses a block shape that keeps more than MAX_BLOCKS_PER_COLUMN blocks per block-column."""
-  import warnings
-
-  from sift_jax import data, models, sparsity
+  """Refuses a block shape that stores more than MAX_BLOCKS_PER_COLUMN blocks per block-column."""
+  from sift_jax import data, models
   from sift_jax.sift import match
   from sift_jax.sparse_layers import sparse_kernel_paths
+  from sift_jax.sparsity import plan
 
-  meta = data.dataset_meta(config) if meta is None else meta
+  s = config.sparsity
+  if meta is None:
+    try:
+      meta = data.dataset_meta(config)
+    except FileNotFoundError:  # no data files here (a sweep listed on a login node, say):
+      return  # the trainer checks it with its dataset's meta
   variables = models.abstract_variables(models.build_model(config, meta), config, meta)
-  rule_config = config.copy_and_resolve_references()
-  if config.sift.name != 'dense':  # its masks hold the level the trainer solves for
-    rule_config.sparsity.level = match.mask_level(config, meta)
-  with warnings.catch_warnings():  # the trainer's own make_rule gives the rule's warnings
-    warnings.simplefilter('ignore')
-    rule = sparsity.make_rule(rule_config, variables['params'], sparse_kernel_paths(variables))
-  counts = rule.per_layer(rule.execution.counts)
-  over = [
-    (layer, k) for layer, k in zip(rule.layers, counts, strict=True) if k > MAX_BLOCKS_PER_COLUMN
-  ]
+  # Top-KAST stores its backward set; the others their masks, at the level a member solves for.
+  level = s.backward_level if s.rule == 'topkast' else match.mask_level(config, meta)
+  layers = plan.make_plan(
+    variables['params'],
+    float(level),
+    s.distribution,
+    sparse_kernel_paths(variables),
+    s.overrides,
+    float(s.power_scale),
+    tuple(int(b) for b in s.block_shape),
+    balanced=True,
+  )
+  per_column = [(layer, layer.active_blocks // layer.columns) for layer in layers]
+  over = [(layer, k) for layer, k in per_column if k > MAX_BLOCKS_PER_COLUMN]
   if over:
-    layers = ', '.join(f'{layer.name} {layer.shape}: K={k}' for layer, k in over)
+    named = ', '.join(f'{layer.name} {layer.shape}: K={k}' for layer, k in over)
     raise ConfigError(
-      f'sparsity.block_shape={tuple(config.sparsity.block_shape)} under sparsity.execution='
-      f'block_sparse keeps K blocks per block-column ({layers}); the program unrolls one gather '
-      f'per block, so its size and compile time grow with K: allowed K <= '
-      f'{MAX_BLOCKS_PER_COLUMN}. Use taller blocks (K = round((1 - s) * rows / block rows)) or '
-      'sparsity.execution=masked'
+      f'sparsity.block_shape={tuple(s.block_shape)} under sparsity.execution=block_sparse keeps '
+      f'K blocks per block-column ({named}); the program unrolls one gather per block, so its '
+      f'size and compile time grow with K: allowed K <= {MAX_BLOCKS_PER_COLUMN}. Use taller '
+      'blocks (K = round((1 - s) * rows / block rows)) or sparsity.execution=masked'
     )
 
 

@@ -36,7 +36,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sift_jax import config_lib, metrics, plugins, records
+from sift_jax import workdir as workdir_lib
 from sift_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,9 +121,10 @@ def find_file(path: str, sweep_dir: str) -> str:
     candidate = os.path.join(base, path)
     if os.path.isfile(candidate):
       return os.path.abspath(candidate)
-  raise FileNotFoundError(
-    f'config file {path!r} not found in the working directory, {sweep_dir} or {REPO}'
-  )
+  try:
+    return os.path.abspath(config_lib.resolve_config_path(path))
+  except config_lib.ConfigError as e:
+    raise FileNotFoundError(f'{e}; nor is it in {sweep_dir} or {REPO}') from None
 
 
 def shown_path(path: str) -> str:
@@ -250,45 +251,17 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
 
 
-def try_lock(fd: int) -> bool:
-  """An exclusive flock() on `fd` if no other open file holds one; never blocks."""
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    return False
-  return True
-
-
 def claim(workdir: str) -> int | None:
-  """Takes the run in `workdir` for this process: an open file descriptor holding an exclusive
-  flock() on its lock file, or None if another process holds it. The kernel drops the lock when
-  the last process holding the descriptor (this sweep, then its trainer) exits, so a killed
-  sweep leaves no stale lock. The file is never deleted: unlinking it would let a waiter lock the
-  old file while a newcomer locks a new one."""
+  """Takes the run in `workdir` for this process: a descriptor holding the flock() on its
+  sweep.lock (workdir.take_lock), or None if another process holds it. The trainer inherits the
+  descriptor, so the lock goes only when the last of this sweep and its trainer exits."""
   os.makedirs(workdir, exist_ok=True)
-  fd = os.open(os.path.join(workdir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-  if not try_lock(fd):
-    os.close(fd)
-    return None
-  os.ftruncate(fd, 0)
-  os.write(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid()}).encode())
-  return fd
+  return workdir_lib.take_lock(os.path.join(workdir, LOCK))
 
 
 def lock_owner(workdir: str) -> str | None:
   """Who holds the run in `workdir` ('host pid' of its sweep), or None if no process does."""
-  path = os.path.join(workdir, LOCK)
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except FileNotFoundError:
-    return None
-  try:
-    if try_lock(fd):
-      return None
-  finally:
-    os.close(fd)
-  owner = read_json(path) or {}
-  return f'{owner.get("host", "?")} pid {owner.get("pid", "?")}'
+  return workdir_lib.lock_owner(os.path.join(workdir, LOCK))
 
 
 def wait_for(workdir: str, name: str) -> None:
@@ -298,11 +271,9 @@ def wait_for(workdir: str, name: str) -> None:
     fcntl.flock(f, fcntl.LOCK_EX)
 
 
-def config_diff(run: Run, saved: dict[str, Any]) -> list[str]:
-  """The flat config keys whose values differ between a saved config.json and the run's."""
-  want = flat_json(json.loads(resolve_config(run).to_json()))
-  have = flat_json(saved)
-  return sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+def config_diff(run: Run, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """{flat key: (saved, run's)} for every key whose value differs (workdir.config_diff)."""
+  return workdir_lib.config_diff(saved, resolve_config(run))
 
 
 def recorded(run: Run) -> bool:
@@ -311,7 +282,7 @@ def recorded(run: Run) -> bool:
   if not saved:
     return False
   diff = config_diff(run, saved)
-  return 'total_steps' not in diff and all(k in config_lib.RUN_LENGTH_KEYS for k in diff)
+  return 'total_steps' not in diff and all(k in workdir_lib.RESUMABLE for k in diff)
 
 
 def progress(run: Run) -> tuple[str, str]:
@@ -321,11 +292,9 @@ def progress(run: Run) -> tuple[str, str]:
   if saved is None:
     return ('done', 'recorded') if recorded(run) else ('new', '')
   diff = config_diff(run, saved)
-  hard = [k for k in diff if k not in config_lib.RUN_LENGTH_KEYS]
+  hard = {k: v for k, v in diff.items() if k not in workdir_lib.RESUMABLE}
   if hard:
-    want = flat_json(json.loads(resolve_config(run).to_json()))
-    have = flat_json(saved)
-    details = ', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in hard[:5])
+    details = workdir_lib.describe(hard, 5)
     return 'conflict', f'the folder holds a run of another config ({details})'
   summary = os.path.join(run.workdir, 'summary.json')
   config_path = os.path.join(run.workdir, 'config.json')
