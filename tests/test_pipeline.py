@@ -78,6 +78,7 @@ def test_a_registered_dataset_takes_data_workers_from_the_config():
   assert_batches_equal(take(d, 7, 2), [d.train_batch(7), d.train_batch(8)])
 
 
+@pytest.mark.slow  # host-local rows: test_data.py's host shards (thread) by default
 def test_each_host_reads_and_gets_only_its_rows_of_the_global_batch():
   """2 emulated hosts, batch 8 of 200 examples: steps 0-19 stay inside epoch 0, so each host's
   rows of those steps are its own examples; a read of any other one fails in the worker."""

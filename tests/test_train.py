@@ -256,6 +256,7 @@ def test_main_reports_bad_input_in_one_line_and_exits_non_zero(tmp_path):
   assert 'Traceback' not in out.stderr
 
 
+@pytest.mark.slow  # default run: test_scale.py's fsdp test (8 devices against one, same losses)
 def test_same_losses_on_one_and_eight_devices(tmp_path):
   script = f"""
 import json, sys
@@ -580,6 +581,7 @@ def test_unwritable_workdir_and_full_disk_are_one_clear_error(
   assert 'rerunning the same command resumes' in str(info.value)
 
 
+@pytest.mark.slow  # SIGTERM mid-run stays in the default run (test_sigterm_saves_at_the_next_step)
 def test_sigterm_after_the_final_checkpoint_finishes_the_run_and_exits_zero(tmp_path):
   total = 40
   proc = start_mlp_run(
