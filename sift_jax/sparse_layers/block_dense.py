@@ -35,8 +35,9 @@ def default_impl() -> str:
 def block_matmul(x: jax.Array, values: jax.Array, rows: jax.Array, impl: str = 'auto') -> jax.Array:
   """x (..., D_in) times the block-sparse kernel (values (C, K, bi, bo), rows (C, K)).
 
-  `impl`: 'xla' (a gather + GEMM per block-column), 'pallas' (the Pallas kernel; GPU / TPU),
-  'pallas_interpret' (the same kernel interpreted, for CPU tests), 'auto' (pallas on GPU and TPU).
+  `impl`: 'xla' (a gather + GEMM per block-column), 'pallas' (the Pallas kernels of the platform
+  it is lowered for: GPU / TPU; the XLA formulation on the CPU), 'pallas_interpret' (the GPU
+  kernels interpreted, for CPU tests), 'auto' (pallas on GPU and TPU).
   """
   if impl not in IMPLS:
     raise ValueError(f'block-sparse impl {impl!r}; allowed: {", ".join(IMPLS)}')
@@ -70,10 +71,14 @@ def _prefix_fwd(x, values, rows, k, impl):
 
 
 def _prefix_bwd(k, impl, residuals, dy):
-  del impl  # every implementation's backward pass is the XLA one
   x, values, rows = residuals
   x2 = x.reshape(-1, x.shape[-1])  # (N, D_in)
-  dx, dv = gather_matmul_grads(x2, values, rows, dy.reshape(x2.shape[0], -1), k_dx=k)
+  dy2 = dy.reshape(x2.shape[0], -1)
+  if (default_impl() if impl == 'auto' else impl) == 'xla':
+    dx, dv = gather_matmul_grads(x2, values, rows, dy2, k_dx=k)
+  else:  # the dx and dW kernels
+    interpret = impl == 'pallas_interpret'
+    dx, dv = pallas_kernel.gather_matmul_grads(x2, values, rows, dy2, k, interpret=interpret)
   return dx.reshape(x.shape), dv, None
 
 
