@@ -418,7 +418,8 @@ def assert_trees_close(a, b):
     np.testing.assert_allclose(u, v, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize('name', ['mlp', pytest.param('gpt', marks=pytest.mark.slow)])
+# Both under -m slow: the trainer test below runs the MLP both ways and resumes across modes.
+@pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.slow) for n in ('mlp', 'gpt')])
 def test_model_trains_step_for_step_like_masked_and_resumes_across_modes(name):
   model, c, x, y = model_case(name)
   variables = model.init(jax.random.key(0), x, train=False)

@@ -27,6 +27,7 @@ def test_the_notebook_needs_no_source_checkout():
     assert checkout_only not in code
 
 
+@pytest.mark.slow  # 34 CPU-seconds; what it calls (trainer, sweep, report) is tested by default
 def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')

@@ -283,6 +283,7 @@ train.train_and_evaluate(c, sys.argv[1])
   np.testing.assert_allclose(losses[1], losses[8], rtol=2e-5)
 
 
+@pytest.mark.slow  # default run: test_scale.py's SIGKILL during a save, then the rerun
 def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tmp_path):
   flags = [
     f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
@@ -604,6 +605,7 @@ def test_sigterm_after_the_final_checkpoint_finishes_the_run_and_exits_zero(tmp_
   assert os.listdir(ckpts) == [str(total)]
 
 
+@pytest.mark.slow  # the full-disk message itself: test_unwritable_workdir_and_full_disk_...
 def test_a_full_disk_during_a_save_is_one_line_on_the_console(tmp_path):
   script = f"""
 import errno, os

@@ -125,7 +125,9 @@ def write_sweep(folder, overrides) -> str:
   return path
 
 
-@pytest.mark.parametrize('flag', ['--dry_run', '--print_commands', None])
+@pytest.mark.parametrize(
+  'flag', ['--dry_run', pytest.param('--print_commands', marks=pytest.mark.slow), None]
+)
 def test_a_sweep_reports_every_bad_run_by_name_before_anything_trains(tmp_path, flag):
   out = run_module('sift_jax.sweep', write_sweep(tmp_path, BAD), *([flag] if flag else []))
   error = assert_one_line_error(
@@ -153,7 +155,11 @@ def test_runs_that_resolve_to_the_same_config_are_listed_and_trained_once(tmp_pa
 
 
 @pytest.mark.parametrize(
-  'arg,needle', [('sparsity=abc', "sparsity='abc' is not a number"), ('seed=abc', "seed='abc'")]
+  'arg,needle',
+  [
+    ('sparsity=abc', "sparsity='abc' is not a number"),
+    pytest.param('seed=abc', "seed='abc'", marks=pytest.mark.slow),  # the same parse, one process
+  ],
 )
 def test_a_bad_config_argument_value_is_one_line(tmp_path, arg, needle):
   out = run_module('sift_jax.main', f'--config={MLP}:local,{arg}', cwd=str(tmp_path))
@@ -174,7 +180,9 @@ def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
   assert_one_line_error(out, f'config file {path} has a syntax error at line')
 
 
-@pytest.mark.parametrize('name', ['summary.json', 'config.json'])
+@pytest.mark.parametrize(
+  'name', [pytest.param('summary.json', marks=pytest.mark.slow), 'config.json']
+)
 def test_the_report_on_a_truncated_run_file_names_the_file(tmp_path, name):
   run = tmp_path / 'study' / 'runs' / 'a'
   run.mkdir(parents=True)
