@@ -116,13 +116,13 @@ def test_rules_keep_balanced_masks(rule, block, regrow):
   k = layer.active_blocks // layer.columns
   assert layer.balanced and k == round((1 - 0.7) * (14 // block[0]))
   changed = False
-  first = h.layer(h.sstate['masks'], 'fc0')
+  first = h.layer(h.sstate.masks, 'fc0')
   for _ in h.run(7):
-    m = h.layer(h.sstate['masks'], 'fc0')
+    m = h.layer(h.sstate.masks, 'fc0')
     np.testing.assert_array_equal(block_counts(m, block), k)
     changed |= bool((m != first).any())
     if rule == 'topkast':
-      b = h.layer(h.sstate['backward'], 'fc0')
+      b = h.layer(h.sstate.backward, 'fc0')
       kb = block_counts(b, block)
       assert (kb == kb[0]).all() and kb[0] > k and not (m & ~b).any()
   assert changed == (rule != 'static')
@@ -432,20 +432,20 @@ def test_model_trains_step_for_step_like_masked_and_resumes_across_modes(name):
 
   masked, blocked = make_steps(model, tx, x, y, rule)
   pm, om, loss_m = masked(params, tx.init(params), sstate, 3)
-  pb, rows, _ = sparse_layers.to_block_state(params, sstate['masks'], block)
+  pb, rows, _ = sparse_layers.to_block_state(params, sstate.masks, block)
   ob = tx.init(pb)
   pb, ob, loss_b = blocked(pb, ob, rows, 3)
   np.testing.assert_allclose(loss_b, loss_m, rtol=1e-5)
   back, masks, (ob_dense,) = sparse_layers.to_masked_state(pb, rows, params, ob)
   assert_trees_close(back, pm)
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), masks, sstate['masks']))
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), masks, sstate.masks))
   assert_trees_close(ob_dense, om)
   size = lambda t: sum(leaf.size for leaf in jax.tree.leaves(t))
-  sparse = sum(leaf.size for leaf in jax.tree.leaves(sstate['masks']))
+  sparse = sum(leaf.size for leaf in jax.tree.leaves(sstate.masks))
   assert size(ob) == size(om) - sparse // 2  # the momentum holds only the stored half
 
   # Resume the masked run in block mode and the block run in masked mode: the same two steps.
-  _, _, (ob_from_masked,) = sparse_layers.to_block_state(pm, sstate['masks'], block, om)
+  _, _, (ob_from_masked,) = sparse_layers.to_block_state(pm, sstate.masks, block, om)
   pb2, _, loss_b2 = blocked(pb, ob_from_masked, rows, 2)
   pm2, _, loss_m2 = masked(back, ob_dense, sstate, 2)
   np.testing.assert_allclose(loss_b2, loss_m2, rtol=1e-5)
@@ -544,8 +544,8 @@ def test_convert_state_refuses_unbalanced_masks_naming_the_layer():
   )
   mask = np.zeros((6, 8), bool)
   mask[:, :2] = True  # block-column 0 holds 3 blocks, the others none
-  masks = masked.sstate['masks']
-  sstate = {**masked.sstate, 'masks': {**masks, 'fc0': {**masks['fc0'], 'kernel': mask}}}
+  masks = masked.sstate.masks
+  sstate = masked.sstate.replace(masks={**masks, 'fc0': {**masks['fc0'], 'kernel': mask}})
   state = TrainState(jnp.zeros((), jnp.int32), masked.params, {}, masked.opt_state, sstate, None)
   with pytest.raises(
     ValueError,

@@ -166,7 +166,7 @@ def test_gse_conv_grows_numpy_top_gradients():
   g, aux = h.grads()
   new, params, _ = h.update(g, aux)
   for name in ('c0', 'c1'):
-    old = np.asarray(h.sstate['masks'][name]['kernel']).reshape(-1)
+    old = np.asarray(h.sstate.masks[name]['kernel']).reshape(-1)
     w = np.abs(np.asarray(h.params[name]['kernel'])).reshape(-1)
     grad = np.abs(np.asarray(g[name]['kernel'])).reshape(-1)
     active = int(old.sum())
@@ -175,7 +175,7 @@ def test_gse_conv_grows_numpy_top_gradients():
     grow[np.argsort(-np.where(old, -np.inf, grad), kind='stable')[:k]] = True
     keep = np.zeros_like(old)
     keep[np.argsort(-np.where(old, w, -np.inf), kind='stable')[: active - k]] = True
-    m = np.asarray(new['masks'][name]['kernel']).reshape(-1)
+    m = np.asarray(new.masks[name]['kernel']).reshape(-1)
     np.testing.assert_array_equal(m, keep | grow)
     assert m.sum() == active == round(0.2 * old.size)
     assert np.all(np.asarray(params[name]['kernel']).reshape(-1)[grow] == 0)

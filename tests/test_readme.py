@@ -56,9 +56,9 @@ def test_the_wrap_optax_example_runs():
 def test_the_sift_layer_example_runs():
   scope = run_block('README.md', 2, 'One-call APIs')
   assert scope['paths'] == [('fc', f'branch_{i}', 'kernel') for i in range(4)]
-  masks = scope['opt_state'].sparsity['masks']['fc']
+  masks = scope['opt_state'].sparsity.masks['fc']
   assert [int(masks[f'branch_{i}']['kernel'].sum()) for i in range(4)] == [256 * 256 // 4] * 4
-  assert scope['opt_state'].sparsity['masks']['Dense_0']['kernel'] is None  # the head stays dense
+  assert scope['opt_state'].sparsity.masks['Dense_0']['kernel'] is None  # the head stays dense
 
 
 def test_the_explicit_sparse_training_example_runs():

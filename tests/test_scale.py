@@ -145,11 +145,11 @@ def mask_update(exp, state, name: str) -> dict[str, np.ndarray]:
   """Masks before and after a RigL update at step 2, and the updated params, as numpy."""
   shardings = jax.tree.map(lambda x: x.sharding, state.params)
   grads = jax.jit(random_like, out_shardings=shardings)(state.params)
-  sstate, params, _ = jax.jit(exp.rule.update)(
+  sstate, params, _ = jax.jit(exp.rule.update_masks)(
     state.sparsity, state.params, grads, state.opt_state, jnp.int32(2)
   )
-  before = jax.tree.leaves(sharding.fetch(state.sparsity['masks']))
-  after = jax.tree.leaves(sharding.fetch(sstate['masks']))
+  before = jax.tree.leaves(sharding.fetch(state.sparsity.masks))
+  after = jax.tree.leaves(sharding.fetch(sstate.masks))
   out = {f'{name}/before/{i}': m for i, m in enumerate(before)}
   out.update({f'{name}/after/{i}': m for i, m in enumerate(after)})
   out[f'{name}/params'] = np.concatenate(
@@ -160,7 +160,7 @@ def mask_update(exp, state, name: str) -> dict[str, np.ndarray]:
 
 def check_layout(state, rule) -> None:
   params = dict(zip(rule.paths, jax.tree.leaves(state.params), strict=True))
-  masks = jax.tree_util.tree_flatten_with_path(state.sparsity['masks'])[0]
+  masks = jax.tree_util.tree_flatten_with_path(state.sparsity.masks)[0]
   assert masks, 'no sparse layers'
   for kp, m in masks:
     assert m.sharding == params[path_of(kp)].sharding, path_of(kp)

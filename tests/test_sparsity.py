@@ -188,10 +188,10 @@ def test_initial_masks_exact_counts(a, b, s):
   )
   sstate, p = jax.jit(rule.init)(params, jax.random.PRNGKey(a * b))
   for name, (x, y) in (('l0', (a, b)), ('l1', (b, a))):
-    m = np.asarray(sstate['masks'][name]['kernel'])
+    m = np.asarray(sstate.masks[name]['kernel'])
     assert m.shape == (x, y) and m.sum() == round((1 - s) * x * y)
     np.testing.assert_array_equal(np.asarray(p[name]['kernel']), m.astype(np.float32))
-  assert sstate['masks']['l1']['bias'] is None
+  assert sstate.masks['l1']['bias'] is None
 
 
 def test_default_filter_skips_first_last_embeddings_norms():
@@ -252,7 +252,7 @@ def test_every_sparse_layer_keeps_one_active_weight(caplog):
   update, opt = jax.jit(rule.update_masks), optax.sgd(0.1).init(p)
   for step in range(c.total_steps):
     sstate, p, opt = update(sstate, p, jax.tree.map(jnp.cos, p), opt, step)
-  assert int(np.asarray(sstate['masks']['a']['kernel']).sum()) == 1
+  assert int(np.asarray(sstate.masks['a']['kernel']).sum()) == 1
 
 
 def test_overrides_set_layer_sparsity():
@@ -302,7 +302,7 @@ def test_rule_invariants(rule_name, widths, s, opt):
   h = Harness(rule_name, widths=widths, level=s, tx=tx, seed=widths[0])
   prev = None
   for step, sstate, params, opt_state in h.run(9):
-    masks = sstate['masks']
+    masks = sstate.masks
     fwd = h.rule.forward_params(sstate, params)
     for layer in h.rule.layers:
       name = layer.name.split('/')[0]
@@ -358,11 +358,11 @@ def test_update_schedule_and_nonfinite_skip():
   g, _ = h.grads(h.sstate, h.params)
   for step, expect in ((0, False), (2, True), (3, False), (40, False)):
     new, _, _ = h.update(h.sstate, h.params, g, h.opt_state, step)
-    changed = not np.array_equal(h.layer(new['masks'], 'fc0'), h.layer(h.sstate['masks'], 'fc0'))
+    changed = not np.array_equal(h.layer(new.masks, 'fc0'), h.layer(h.sstate.masks, 'fc0'))
     assert changed == expect, step
   bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), g)
   new, _, _ = h.update(h.sstate, h.params, bad, h.opt_state, 2)
-  np.testing.assert_array_equal(h.layer(new['masks'], 'fc0'), h.layer(h.sstate['masks'], 'fc0'))
+  np.testing.assert_array_equal(h.layer(new.masks, 'fc0'), h.layer(h.sstate.masks, 'fc0'))
 
 
 # ----- rule-specific references
@@ -372,7 +372,7 @@ def test_rigl_grows_what_numpy_picks():
   h = rigl()  # the defaults: drop fraction 0.3, dropped weights may regrow
   params = h.params
   g, _ = h.grads(h.sstate, params)
-  old = h.layer(h.sstate['masks'], 'fc0')
+  old = h.layer(h.sstate.masks, 'fc0')
   w = h.layer(params, 'fc0').reshape(-1)
   grad = np.abs(np.asarray(g['fc0']['kernel'])).reshape(-1)
   n_act = int(old.sum())
@@ -384,15 +384,15 @@ def test_rigl_grows_what_numpy_picks():
   grow = np.zeros(w.size, bool)
   grow[np.argsort(-grow_score, kind='stable')[:n_drop]] = True
   new, _, _ = h.update(h.sstate, params, g, h.opt_state, 2)
-  np.testing.assert_array_equal(h.layer(new['masks'], 'fc0').reshape(-1), keep | grow)
+  np.testing.assert_array_equal(h.layer(new.masks, 'fc0').reshape(-1), keep | grow)
 
 
 def test_rigl_without_regrow_never_regrows_dropped():
   h = Harness('rigl', widths=(23, 5), d_in=17, level=0.5, regrow_dropped=False, drop_fraction=0.5)
   g, _ = h.grads(h.sstate, h.params)
-  old = h.layer(h.sstate['masks'], 'fc0')
+  old = h.layer(h.sstate.masks, 'fc0')
   new, _, _ = h.update(h.sstate, h.params, g, h.opt_state, 2)
-  m = h.layer(new['masks'], 'fc0')
+  m = h.layer(new.masks, 'fc0')
   dropped = old & ~m
   assert dropped.sum() > 0 and not np.any(m & dropped)
   assert m.sum() == old.sum()
@@ -403,18 +403,18 @@ def test_topkast_sets_and_untouched_weights():
   for step, *_ in h.run(5):
     if step and not h.rule.schedule.is_update(step - 1):
       continue  # A and B are the top magnitudes as of their last recompute
-    a = h.layer(h.sstate['masks'], 'fc0')
-    b = h.layer(h.sstate['backward'], 'fc0')
+    a = h.layer(h.sstate.masks, 'fc0')
+    b = h.layer(h.sstate.backward, 'fc0')
     assert np.all(b[a]) and a.sum() == round(0.2 * a.size) and b.sum() == round(0.6 * b.size)
     w = np.abs(h.layer(h.params, 'fc0'))
     assert w[a].min() >= w[~a].max() and w[b].min() >= w[~b].max()
   before = h.layer(h.params, 'fc0')
-  outside = ~h.layer(h.sstate['backward'], 'fc0')
+  outside = ~h.layer(h.sstate.backward, 'fc0')
   _, params, _ = h.step_fn(h.sstate, h.params, h.opt_state, 5)  # step 5: no recompute
   np.testing.assert_array_equal(h.layer(params, 'fc0')[outside], before[outside])
   assert not np.array_equal(h.layer(params, 'fc0')[~outside], before[~outside])
   pen = float(h.rule.loss_penalty(h.sstate, h.params))
-  a, b, w = (h.layer(h.sstate['masks'], 'fc0'), h.layer(h.sstate['backward'], 'fc0'), before)
+  a, b, w = (h.layer(h.sstate.masks, 'fc0'), h.layer(h.sstate.backward, 'fc0'), before)
   ref = (w[a] ** 2).sum() + (w[b & ~a] ** 2).sum() / 0.2
   np.testing.assert_allclose(pen, 1e-4 * ref, rtol=1e-5)
 
@@ -426,11 +426,11 @@ def test_topkast_zeroes_optimizer_state_entering_b():
   entered, prev_b = 0, None
   for step, sstate, _, opt_state in h.run(12):
     if step and h.rule.schedule.is_update(step - 1):  # sstate, opt_state: right after an update
-      new_b = h.layer(sstate['backward'], 'fc0') & ~h.layer(prev_b, 'fc0')
+      new_b = h.layer(sstate.backward, 'fc0') & ~h.layer(prev_b, 'fc0')
       entered += int(new_b.sum())
       for leaf in moments(opt_state, 'fc0'):
         assert np.all(leaf[new_b] == 0), step
-    prev_b = sstate['backward']
+    prev_b = sstate.backward
   assert entered > 0
 
 
@@ -465,9 +465,9 @@ def test_gse_sampled_grads_and_grow_prune(monkeypatch):
 
   h = Harness('gse', widths=(23, 5), d_in=17, level=0.8)
   g, aux = h.grads(h.sstate, h.params)
-  old = h.layer(h.sstate['masks'], 'fc0')
+  old = h.layer(h.sstate.masks, 'fc0')
   new, params, _ = h.update(h.sstate, h.params, g, h.opt_state, 2, None, aux)
-  m = h.layer(new['masks'], 'fc0')
+  m = h.layer(new.masks, 'fc0')
   grown = m & ~old
   k = int(np.round(np.float32(0.2) * old.sum()))
   assert grown.sum() == k and m.sum() == old.sum()
@@ -481,7 +481,7 @@ def test_gse_sampled_grads_and_grow_prune(monkeypatch):
   # Only sampled positions are read: garbage g_fwd gives the same masks.
   junk = jax.tree.map(lambda t: t * 0 + 1.0, g)
   new2, _, _ = h.update(h.sstate, h.params, junk, h.opt_state, 2, None, aux)
-  np.testing.assert_array_equal(h.layer(new2['masks'], 'fc0'), m)
+  np.testing.assert_array_equal(h.layer(new2.masks, 'fc0'), m)
   # No dense weight gradient: neither a matmul nor a (batch, D_in, D_out) product.
   text = str(
     jax.make_jaxpr(lambda a: h.rule.update_masks(h.sstate, h.params, g, h.opt_state, 2, None, a))(
@@ -495,7 +495,7 @@ def test_gmp_reaches_target():
   h = Harness('gmp', widths=(16, 5), d_in=10, level=0.75, update_every_steps=3)
   for _ in h.run(31):
     pass
-  assert h.layer(h.sstate['masks'], 'fc0').sum() == 40
+  assert h.layer(h.sstate.masks, 'fc0').sum() == 40
   dens = [float(x) for x in h.rule.target_active_blocks(jnp.arange(0, 31, 3))[0]]
   assert dens[0] == 160 and dens == sorted(dens, reverse=True) and dens[-1] == 40
 
@@ -580,7 +580,7 @@ def test_every_rule_holds_the_plans_exact_count(rule_name):
   for step in range(c.total_steps):
     g = jax.tree.map(lambda x, step=step: jnp.sin(x * (step + 2.0)), p)
     sstate, p, opt = update(sstate, p, g, opt, step)
-  got = {k: int(np.asarray(v['kernel']).sum()) for k, v in sstate['masks'].items()}
+  got = {k: int(np.asarray(v['kernel']).sum()) for k, v in sstate.masks.items()}
   assert {f'{k}/kernel': v for k, v in got.items()} == expect
 
 
@@ -600,7 +600,7 @@ def test_exact_count_of_a_big_layer_from_shapes_only():
 def test_block_masks_keep_blocks_whole():
   h = Harness('rigl', widths=(12, 4), d_in=8, level=0.75, block_shape=(2, 2))
   for _ in h.run(5):
-    m = h.layer(h.sstate['masks'], 'fc0')
+    m = h.layer(h.sstate.masks, 'fc0')
     blocks = m.reshape(4, 2, 6, 2).transpose(0, 2, 1, 3).reshape(24, 4)
     assert np.all(blocks.all(1) | ~blocks.any(1)) and m.sum() == 4 * 6
 
@@ -640,10 +640,10 @@ def test_wrap_optax_trains_at_exact_density(rule_name):
   for _ in range(40):
     params, opt_state, loss = step(params, opt_state)
     losses.append(float(loss))
-    masks.append(np.asarray(opt_state.sparsity['masks']['fc1']['kernel']))
+    masks.append(np.asarray(opt_state.sparsity.masks['fc1']['kernel']))
   assert losses[-1] < 0.5 * losses[0]
   assert all(m.sum() == round(0.1 * 32 * 32) for m in masks)  # only fc1: first and last dense
-  assert opt_state.sparsity['masks']['fc0']['kernel'] is None
+  assert opt_state.sparsity.masks['fc0']['kernel'] is None
   assert any(
     not np.array_equal(a, b) for a, b in zip(masks, masks[1:], strict=False)
   )  # masks moved
@@ -708,6 +708,26 @@ def test_topkast_penalty_is_the_same_in_either_execution():
   g_block = block.rule.param_grads(sstate_b, params_b, jax.tree.map(jnp.zeros_like, params_b))
   expanded = block.rule.execution.masked_params(sstate_b, g_block)
   np.testing.assert_allclose(expanded['fc0']['kernel'], g_masked['fc0']['kernel'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('execution', ['masked', 'block_sparse'])
+def test_typed_state_restores_a_checkpoint_of_the_dict_state(tmp_path, execution):
+  """Checkpoints written while the state was a dict restore into the typed state: orbax
+  matches by name, and the fields are the dict's keys."""
+  import dataclasses
+
+  import orbax.checkpoint as ocp
+
+  kw = dict(widths=(8, 4), d_in=6, level=0.5, block_shape=(2, 2), balanced=True)
+  sstate = Harness('topkast', execution=execution, **kw).sstate
+  as_dict = {f.name: getattr(sstate, f.name) for f in dataclasses.fields(sstate)}
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(str(tmp_path / 'old'), {'sparsity': as_dict})
+  ckpt.wait_until_finished()
+  abstract = jax.eval_shape(lambda: {'sparsity': sstate})
+  restored = ckpt.restore(str(tmp_path / 'old'), abstract)['sparsity']
+  assert type(restored) is type(sstate)
+  chex.assert_trees_all_equal(restored, sstate)
 
 
 # ----- optimizer state, other trees, resume, sharding, export
@@ -789,7 +809,7 @@ SHARDED = textwrap.dedent(
     ref = jax.jit(rule.update_masks)(sstate, p, g, opt, 2)
     put = lambda t: jax.tree.map(lambda x: jax.device_put(x, shard) if x.ndim == 2 else x, t)
     out = jax.jit(rule.update_masks)(put(sstate), put(p), put(g), put(opt), 2)
-    assert jax.tree.leaves(out[0]['masks'])[0].sharding.num_devices == 8
+    assert jax.tree.leaves(out[0].masks)[0].sharding.num_devices == 8
     for x, y in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   print('SHARDED OK')

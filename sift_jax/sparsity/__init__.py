@@ -170,9 +170,9 @@ def with_execution(rule: Rule, execution_name: str) -> Rule:
   return build_rule(name, params_shapes, sparse_paths, **{**options, 'execution': execution_name})
 
 
-def masks_of(sstate: dict[str, Any]) -> Any:
+def masks_of(sstate: rules.MaskState) -> Any:
   """Bool masks, params-shaped, None for dense leaves (Top-KAST: the forward set A)."""
-  return sstate['masks']
+  return sstate.masks
 
 
 def layer_densities(masks: Any) -> dict[tuple[str, ...], float]:

@@ -3,9 +3,10 @@
 A rule decides which weights are active (sift_jax.sparsity.rules); its execution, chosen where
 the rule is made, holds the state in one layout and runs the step on it:
 
-  masked        params: dense kernels; sstate: bool masks ('masks', Top-KAST's 'backward')
-  block_sparse  params: the kernels' active blocks (C, K, bi, bo); sstate: their block-rows
-                'rows' (sift_jax.sparse_layers), Top-KAST also a frozen dense 'theta'
+  masked        params: dense kernels; sstate (rules.MaskState): bool masks ('masks',
+                Top-KAST's 'backward')
+  block_sparse  params: the kernels' active blocks (C, K, bi, bo); sstate (BlockState): their
+                block-rows 'rows' (sift_jax.sparse_layers), Top-KAST also a frozen dense 'theta'
 
 Both offer the rule's step (`init`, `forward_params`, `context`, `param_grads`,
 `restrict_updates`, `update_masks`) and the conversions to and from the masked form, so a state
@@ -49,6 +50,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
@@ -73,6 +75,30 @@ def _is_none(x: Any) -> bool:
 
 def _count(m: jax.Array) -> jax.Array:
   return jnp.sum(m, dtype=jnp.int32)
+
+
+@flax.struct.dataclass
+class BlockState:
+  """A rule's state under block-sparse execution; the field names are the checkpoints' keys."""
+
+  rows: Any  # int32 (C, K): block-rows of each sparse kernel's stored blocks, None elsewhere
+  ever: Any  # bool, params-shaped: positions ever active (as in rules.MaskState)
+  churn: jax.Array
+  key: jax.Array
+  updates: jax.Array
+
+
+@flax.struct.dataclass
+class PrefixBlockState(BlockState):
+  """With a forward prefix (Top-KAST): the frozen dense theta and A's blocks per column."""
+
+  theta: Any
+  forward_blocks: Any
+
+
+def _shared(sstate: Any) -> dict[str, Any]:
+  """The fields every layout holds alike."""
+  return {'ever': sstate.ever, 'churn': sstate.churn, 'key': sstate.key, 'updates': sstate.updates}
 
 
 class Execution:
@@ -137,21 +163,22 @@ class Masked(Execution):
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
       rng = jax.random.key_data(rng)
     key = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
-    sstate = rule.initial_masks(params, jax.random.fold_in(key, 1))
-    sstate.update(
-      ever=sstate['masks'],
+    entries = rule.initial_masks(params, jax.random.fold_in(key, 1))
+    sstate = rule.state_type(
+      **entries,
+      ever=entries['masks'],
       churn=jnp.zeros((), jnp.float32),
       key=jax.random.key_data(jax.random.fold_in(key, 2)),
       updates=jnp.zeros((), jnp.int32),
     )
     if rule.init_rescale:
-      params = rule.map_masked(rules.rescale_fan_in, params, sstate['masks'])
+      params = rule.map_masked(rules.rescale_fan_in, params, sstate.masks)
     return sstate, self.commit_params(sstate, params)
 
   def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
     """The weights the forward pass uses: masked weights are exactly zero."""
     return self.rule.map_masked(
-      lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, sstate['masks']
+      lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, sstate.masks
     )
 
   def commit_params(self, sstate: dict[str, Any], params: Any) -> Any:
@@ -170,11 +197,13 @@ class Masked(Execution):
 
   def penalty_sets(self, sstate):
     rule = self.rule
-    return rule.per_layer(sstate['masks']), rule.per_layer(sstate[rule.trained_key])
+    return rule.per_layer(sstate.masks), rule.per_layer(getattr(sstate, rule.trained_key))
 
   def restrict_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
     return self.rule.map_masked(
-      lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, sstate[self.rule.trained_key]
+      lambda u, m: jnp.where(m, u, jnp.zeros_like(u)),
+      updates,
+      getattr(sstate, self.rule.trained_key),
     )
 
   def update_masks(
@@ -195,7 +224,7 @@ class Masked(Execution):
       return sstate, params, opt_state
     step = jnp.asarray(step, jnp.int32)
     finite = jnp.isfinite(optax.global_norm(g_fwd))
-    base = sstate['key'] if rng is None else rng
+    base = sstate.key if rng is None else rng
     if jax.dtypes.issubdtype(base.dtype, jax.dtypes.prng_key):
       base = jax.random.key_data(base)
     key = jax.random.fold_in(jax.random.wrap_key_data(base), step)
@@ -209,10 +238,10 @@ class Masked(Execution):
     )
 
   def _commit(self, sstate, params, g_fwd, opt_state, step, key, aux):
-    """Runs new_masks (new sstate entries, at least 'masks') and commits them."""
+    """Runs new_masks (new state fields, at least 'masks') and commits them."""
     rule = self.rule
     new = rule.new_masks(sstate, params, g_fwd, step, key, aux)
-    old_masks = rule.per_layer(sstate['masks'])
+    old_masks = rule.per_layer(sstate.masks)
     masks = rule.per_layer(new['masks'])
     left = sum(_count(o & ~m) for o, m in zip(old_masks, masks, strict=True))
     before = sum(_count(o) for o in old_masks)
@@ -221,20 +250,17 @@ class Masked(Execution):
     entered = [
       n & ~o
       for o, n in zip(
-        rule.per_layer(sstate[rule.trained_key]),
+        rule.per_layer(getattr(sstate, rule.trained_key)),
         rule.per_layer(new[rule.trained_key]),
         strict=True,
       )
     ]
-    sstate = {
-      **sstate,
+    sstate = sstate.replace(
       **new,
-      'ever': rule.as_tree(
-        [e | m for e, m in zip(rule.per_layer(sstate['ever']), masks, strict=True)]
-      ),
-      'churn': left / jnp.maximum(before, 1).astype(jnp.float32),
-      'updates': sstate['updates'] + 1,
-    }
+      ever=rule.as_tree([e | m for e, m in zip(rule.per_layer(sstate.ever), masks, strict=True)]),
+      churn=left / jnp.maximum(before, 1).astype(jnp.float32),
+      updates=sstate.updates + 1,
+    )
     return sstate, self.commit_params(sstate, params), rule.zero_opt_state(opt_state, entered)
 
   def masked_sstate(self, sstate: dict[str, Any]) -> dict[str, Any]:
@@ -295,15 +321,23 @@ class BlockSparse(Execution):
   def from_masked(self, sstate: dict[str, Any], params: Any, *others: Any) -> tuple:
     """Masked (sstate, params, others...) -> block-sparse: the trained set becomes 'rows'."""
     rule = self.rule
-    first = sstate['masks'] if self.prefix else None
+    first = sstate.masks if self.prefix else None
     params_b, rows, others = to_block_state(
-      params, sstate[rule.trained_key], self.block, *others, counts=self.counts, first=first
+      params,
+      getattr(sstate, rule.trained_key),
+      self.block,
+      *others,
+      counts=self.counts,
+      first=first,
     )
-    sstate_b = {k: v for k, v in sstate.items() if k not in ('masks', rule.trained_key)}
-    sstate_b['rows'] = rows
-    if self.prefix:
-      sstate_b['theta'] = rule.as_tree(rule.per_layer(params))
-      sstate_b['forward_blocks'] = jax.tree.map(jnp.int32, self.forward)
+    if not self.prefix:
+      return BlockState(rows=rows, **_shared(sstate)), params_b, *others
+    sstate_b = PrefixBlockState(
+      rows=rows,
+      theta=rule.as_tree(rule.per_layer(params)),
+      forward_blocks=jax.tree.map(jnp.int32, self.forward),
+      **_shared(sstate),
+    )
     return sstate_b, params_b, *others
 
   def to_masked(self, sstate_b: dict[str, Any], params_b: Any, *others: Any) -> tuple:
@@ -318,7 +352,7 @@ class BlockSparse(Execution):
     if self.prefix:
       checks.append(('masks', self.forward))
     for key, counts in checks:
-      masks = rule.per_layer(sstate[key])
+      masks = rule.per_layer(getattr(sstate, key))
       for layer, m, k in zip(rule.layers, masks, rule.per_layer(counts), strict=True):
         try:
           found = check_balanced(m, self.block)
@@ -332,8 +366,7 @@ class BlockSparse(Execution):
 
   def masked_sstate(self, sstate_b: dict[str, Any]) -> dict[str, Any]:
     """The sparsity state with the masks rebuilt from 'rows' (for metrics and summaries)."""
-    masks = set_masks(sstate_b['rows'], self.shapes, self.block, self.forward)
-    return {**{k: v for k, v in sstate_b.items() if k != 'rows'}, **masks}
+    return masked_state(sstate_b, self.shapes, self.block, self.forward)
 
   # ----- the step
   def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
@@ -343,9 +376,12 @@ class BlockSparse(Execution):
   def context(self, sstate: dict[str, Any]) -> contextlib.ExitStack:
     """Block-sparse layers; for GSE inside its capture (Flax runs the interceptor entered last
     first, and the block-sparse one does not call the layer it replaces)."""
+    return self._rows_context(sstate.rows)
+
+  def _rows_context(self, rows: Any) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     stack.enter_context(self.rule.capture())
-    stack.enter_context(block_execution(sstate['rows'], forward=self.forward))
+    stack.enter_context(block_execution(rows, forward=self.forward))
     return stack
 
   def shape_context(self, variables: Any) -> Callable[[], contextlib.AbstractContextManager]:
@@ -356,7 +392,7 @@ class BlockSparse(Execution):
       self.counts,
       is_leaf=_is_none,
     )
-    return lambda: self.context({'rows': rows})
+    return lambda: self._rows_context(rows)
 
   def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
     """The stored blocks are the forward weights (run them under `context`)."""
@@ -399,7 +435,7 @@ class BlockSparse(Execution):
       if self.needs_dense_grad:
         g = grow_grad()
       else:
-        g = to_masked_state(g_fwd, sstate_b['rows'], self.shapes)[0]
+        g = to_masked_state(g_fwd, sstate_b.rows, self.shapes)[0]
       sstate, params, opt_state = self.to_masked(sstate_b, params_b, opt_state)
       new = self.masked.update_masks(sstate, params, g, opt_state, step, rng, aux)
       return self.from_masked(*new)
@@ -410,7 +446,7 @@ class BlockSparse(Execution):
 
   def masked_params(self, sstate_b: dict[str, Any], params_b: Any) -> Any:
     """Block params expanded to dense kernels (zero outside the stored blocks)."""
-    return to_masked_state(params_b, sstate_b['rows'], self.shapes)[0]
+    return to_masked_state(params_b, sstate_b.rows, self.shapes)[0]
 
 
 def set_masks(rows: Any, shapes: Any, block: tuple[int, int], forward: Any = None) -> dict:
@@ -431,8 +467,17 @@ def set_masks(rows: Any, shapes: Any, block: tuple[int, int], forward: Any = Non
   return {'masks': masks(int), 'backward': masks()}
 
 
+def masked_state(
+  sstate_b: BlockState, shapes: Any, block: tuple[int, int], forward: Any
+) -> rules.MaskState:
+  """The masked-form state of a block-sparse one: the masks rebuilt from 'rows' (`set_masks`),
+  a TopKASTState with a forward prefix."""
+  state_type = rules.MaskState if forward is None else rules.TopKASTState
+  return state_type(**set_masks(sstate_b.rows, shapes, block, forward), **_shared(sstate_b))
+
+
 def unpack_state(
-  sstate_b: dict[str, Any],
+  sstate_b: BlockState,
   params_b: Any,
   shapes: Any,
   block: tuple[int, int],
@@ -444,17 +489,16 @@ def unpack_state(
   `shapes`: a params-shaped tree of the dense shapes; `forward` as in `set_masks`. Weights
   outside the stored blocks are zero, or with a forward prefix theta's frozen values.
   """
-  params, stored, others = to_masked_state(params_b, sstate_b['rows'], shapes, *others)
-  sstate = {k: v for k, v in sstate_b.items() if k not in ('rows', 'theta', 'forward_blocks')}
+  params, stored, others = to_masked_state(params_b, sstate_b.rows, shapes, *others)
   if forward is not None:
     params = jax.tree.map(
       lambda p, m, t: p if m is None else jnp.where(m, p, t),
       params,
       stored,
-      sstate_b['theta'],
+      sstate_b.theta,
       is_leaf=_is_none,
     )
-  return {**sstate, **set_masks(sstate_b['rows'], shapes, block, forward)}, params, *others
+  return masked_state(sstate_b, shapes, block, forward), params, *others
 
 
 def convert_state(state: Any, source: Execution, target: Execution, check: bool = True) -> Any:

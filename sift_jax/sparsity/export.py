@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import scipy.sparse
 
-from sift_jax.sparsity.execution import unpack_state
+from sift_jax.sparsity.execution import BlockState, PrefixBlockState, unpack_state
 from sift_jax.sparsity.plan import path_of
 
 
@@ -88,16 +88,16 @@ def to_masked(params: Any, sstate: dict[str, Any]) -> tuple[Any, Any]:
   the block shape is the stored blocks' (C, K, bi, bo); Top-KAST's A is its 'forward_blocks'.
   """
   none = lambda x: x is None
-  rows = sstate['rows']
-  shapes = jax.tree.map(lambda p, r, e: p if r is None else e, params, rows, sstate['ever'])
-  flat = zip(jax.tree.leaves(params), jax.tree.leaves(rows, is_leaf=none), strict=True)
+  sstate = (PrefixBlockState if 'theta' in sstate else BlockState)(**sstate)
+  shapes = jax.tree.map(lambda p, r, e: p if r is None else e, params, sstate.rows, sstate.ever)
+  flat = zip(jax.tree.leaves(params), jax.tree.leaves(sstate.rows, is_leaf=none), strict=True)
   stored = [p for p, r in flat if r is not None]
   block = tuple(stored[0].shape[2:]) if stored else (1, 1)
-  forward = sstate.get('forward_blocks')
-  if forward is not None:
-    forward = jax.tree.map(int, forward)
-  sstate, params = unpack_state(sstate, params, shapes, block, forward)[:2]
-  return params, sstate['masks']
+  forward = None
+  if isinstance(sstate, PrefixBlockState):
+    forward = jax.tree.map(int, sstate.forward_blocks)
+  masked, params = unpack_state(sstate, params, shapes, block, forward)[:2]
+  return params, masked.masks
 
 
 def _main(argv: list[str]) -> None:

@@ -2,8 +2,9 @@
 
 A rule is a small object of pure functions over pytrees (optax style). Static facts (which
 leaves are sparse, their shapes and exact active counts, the schedules) live on the object;
-everything that changes lives in `sstate`, a dict of arrays checkpointed with the params. In
-its masked form (sift_jax.sparsity.execution has the block-sparse one):
+everything that changes lives in `sstate`, a `MaskState` (Top-KAST: `TopKASTState`) of arrays
+checkpointed with the params, whose field names are the checkpoints' keys. In its masked form
+(sift_jax.sparsity.execution has the block-sparse one):
 
   masks     params-shaped tree, bool mask per sparse leaf, None for dense leaves (Top-KAST: set A)
   ever      the same shape: positions ever active (for `sparsity/itop`)
@@ -24,6 +25,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -90,6 +92,25 @@ def _count(m: jax.Array) -> jax.Array:
   return jnp.sum(m, dtype=jnp.int32)
 
 
+@flax.struct.dataclass
+class MaskState:
+  """A rule's state in masked form; the field names are the checkpoints' keys (orbax restores
+  by them), so none is renamed and none is optional (a None field would not restore)."""
+
+  masks: Any  # bool, params-shaped, None at dense leaves (Top-KAST: the forward set A)
+  ever: Any  # the same shape: positions ever active
+  churn: jax.Array  # float32: fraction of the active weights that left at the last update
+  key: jax.Array  # uint32 key data, folded with the step for each update
+  updates: jax.Array  # int32: mask updates done
+
+
+@flax.struct.dataclass
+class TopKASTState(MaskState):
+  """Top-KAST's state: also the backward set B (A inside B)."""
+
+  backward: Any
+
+
 def rescale_fan_in(p: jax.Array, m: jax.Array) -> jax.Array:
   """Scales each output unit by sqrt(fan_in / its active fan-in), keeping the init's variance."""
   fan_in = int(np.prod(p.shape[:-1]))
@@ -110,8 +131,9 @@ class Rule:
     needs_aux         GSE: its update reads each layer's inputs and output gradients
     needs_dense_grad  RigL: it grows by the dense gradient (block-sparse execution computes one
                       on update steps only)
-    trained_key       the state entry of the set the optimizer moves ('masks', or Top-KAST's
-                      stored backward set 'backward'); `trained_blocks` its blocks per layer
+    trained_key       the state field of the set the optimizer moves ('masks', or Top-KAST's
+                      stored backward set 'backward'); `trained_blocks` its blocks per layer;
+                      `state_type` the state's class
     keeps_inactive    Top-KAST: weights outside the trained set keep their values (dense theta)
     penalty           Top-KAST: lambda of the regulariser with per-weight `penalty_weights`
     keeps_balance     the rule keeps balanced (per-column) masks, so it runs block-sparse
@@ -125,6 +147,7 @@ class Rule:
   needs_aux = False
   needs_dense_grad = False
   trained_key = 'masks'
+  state_type: type[MaskState] = MaskState
   keeps_inactive = False
   penalty: float | None = None
   keeps_balance = False
@@ -231,7 +254,7 @@ class Rule:
 
   # ----- what the rule decides (masked form: bool masks the kernels' shapes)
   def initial_masks(self, params: Any, key: jax.Array) -> dict[str, Any]:
-    """The initial state entries, at least 'masks', with the plan's exact counts."""
+    """The initial state fields, at least 'masks', with the plan's exact counts (a dict)."""
     masks = [
       _random(jax.random.fold_in(key, layer.index), layer, layer.active_blocks)
       for layer in self.layers
@@ -239,7 +262,8 @@ class Rule:
     return {'masks': self.as_tree(masks)}
 
   def new_masks(self, sstate, params, g_fwd, step, key, aux) -> dict[str, Any]:
-    """The state entries (at least 'masks') of a mask update; `g_fwd` is the dense gradient."""
+    """The state fields (a dict: at least 'masks') of a mask update; `g_fwd` is the dense
+    gradient."""
     raise NotImplementedError(f'{type(self).__name__} changes masks but has no new_masks')
 
   @property
@@ -366,12 +390,12 @@ class Rule:
     from a masked-form state."""
     if not self.layers:
       return {'sparsity/density': jnp.ones((), jnp.float32)}
-    masks = self.per_layer(sstate['masks'])
-    ever = self.per_layer(sstate['ever'])
+    masks = self.per_layer(sstate.masks)
+    ever = self.per_layer(sstate.ever)
     total = float(sum(layer.size for layer in self.layers))
     out = {
       'sparsity/density': sum(_count(m) for m in masks) / total,
-      'sparsity/churn': sstate['churn'],
+      'sparsity/churn': sstate.churn,
       'sparsity/itop': sum(_count(e) for e in ever) / total,
     }
     for layer, m in zip(self.layers, masks, strict=True):
@@ -416,7 +440,7 @@ class _DropGrow(Rule):
     out = []
     for layer, m, p, g in zip(
       self.layers,
-      self.per_layer(sstate['masks']),
+      self.per_layer(sstate.masks),
       self.per_layer(params),
       self.per_layer(g_fwd),
       strict=True,
@@ -473,6 +497,7 @@ class TopKAST(Rule):
   every_key = 'sparsity.topkast_every_steps'
   end_key = 'total_steps'
   trained_key = 'backward'
+  state_type = TopKASTState
   keeps_inactive = True
   keeps_balance = True
 
@@ -545,7 +570,7 @@ class TopKAST(Rule):
   def mask_metrics(self, sstate):
     out = super().mask_metrics(sstate)
     if self.layers:
-      back = self.per_layer(sstate['backward'])
+      back = self.per_layer(sstate.backward)
       total = float(sum(layer.size for layer in self.layers))
       out['sparsity/backward_density'] = sum(_count(b) for b in back) / total
     return out
@@ -614,7 +639,7 @@ class GSE(Rule):
     for layer, c, m, p in zip(
       self.layers,
       self.samples,
-      self.per_layer(sstate['masks']),
+      self.per_layer(sstate.masks),
       self.per_layer(params),
       strict=True,
     ):
@@ -697,7 +722,7 @@ class GMP(Rule):
       for layer, k, m, p in zip(
         self.layers,
         self.target_active_blocks(step),
-        self.per_layer(sstate['masks']),
+        self.per_layer(sstate.masks),
         self.per_layer(params),
         strict=True,
       )

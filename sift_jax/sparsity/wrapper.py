@@ -27,7 +27,7 @@ class SparseState(NamedTuple):
   """The wrapped optimizer's state: the inner optimizer's, the rule's and the step count."""
 
   inner: Any
-  sparsity: dict[str, Any]
+  sparsity: Any  # the rule's MaskState
   count: jax.Array  # int32 scalar: the step the next update is
 
 
@@ -95,7 +95,7 @@ def masked_params(opt_state: Any, params: Any) -> Any:
     raise ValueError(f'expected one wrap_optax state in opt_state, found {len(found)}')
   return jax.tree.map(
     lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros_like(p)),
-    found[0].sparsity['masks'],
+    found[0].sparsity.masks,
     params,
     is_leaf=lambda x: x is None,
   )
