@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -359,6 +360,36 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
   assert len(saved) == 1 and saved[0] >= 10
 
 
+def test_after_sigterm_the_hint_names_the_workdir_the_run_was_given(tmp_path):
+  # No --workdir: "rerun the same command" would start a new runs/<name>_<time> folder.
+  proc = subprocess.Popen(
+    [
+      sys.executable,
+      '-m',
+      'sift_jax.main',
+      f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
+      '--config.data.name=digits',
+      '--config.model.hidden=(32,)',
+      '--config.total_steps=100000',
+      '--config.checkpoint_every_steps=100000',
+      '--config.log_every_steps=10',
+    ],
+    cwd=tmp_path,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 300
+  while time.time() < deadline and not list(tmp_path.glob('runs/*/metrics.jsonl')):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  (run,) = tmp_path.glob('runs/*')
+  assert f'rerun with --workdir={run} to resume' in out
+  assert (run / 'config.json').exists() and list((run / 'checkpoints').iterdir())
+
+
 @pytest.mark.parametrize('rule', ['rigl', 'gse', 'topkast'])
 def test_sparse_run_keeps_exact_density_and_exports_csr(tmp_path, rule):
   from sift_jax.sparsity.export import export_checkpoint, load_sparse
@@ -461,7 +492,9 @@ def test_divergence_without_nan_stops_and_keeps_the_last_good_checkpoint(tmp_pat
   c.total_steps = 12
   c.log_every_steps = c.checkpoint_every_steps = 1
   c.checkpoint.keep = 1
-  with pytest.raises(health.NonFiniteLossError, match=r'step 3: train/loss=36\d.* divergence limit'):
+  with pytest.raises(
+    health.NonFiniteLossError, match=r'step 3: train/loss=36\d.* divergence limit'
+  ):
     train.train_and_evaluate(c, str(tmp_path))
   # Checkpoint 2 was saved with the weights that gave loss 364: set aside, 1 kept despite keep=1.
   assert os.listdir(tmp_path / 'checkpoints') == ['1']
@@ -499,13 +532,17 @@ def test_a_checkpoint_of_another_shape_is_a_config_error(tmp_path):
 def test_resume_keeps_one_row_per_step_and_says_where_it_resumed(tmp_path, capsys):
   c = tiny_config()
   train.train_and_evaluate(c, str(tmp_path))
+  # The console hears from the run once its step is compiled, before the first log step.
+  assert re.search(
+    r'compiled the train step in \d+\.\d s; step 1 took \d+\.\d\d s\n', capsys.readouterr().out
+  )
   first = read_jsonl(tmp_path / 'metrics.jsonl')
   # As after a kill between checkpoints 3 and 6: steps 4..6 are replayed.
   shutil.rmtree(tmp_path / 'checkpoints' / '6')
   os.remove(tmp_path / 'summary.json')
-  capsys.readouterr()
   train.train_and_evaluate(c, str(tmp_path))
-  assert 'resumed from step 3 of 6' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'resumed from step 3 of 6' in out and '; step 4 took ' in out
   rows = read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in rows] == [2, 3, 4, 6]
   assert [r['train/loss'] for r in rows] == [r['train/loss'] for r in first]
