@@ -114,11 +114,11 @@ class Execution:
     """Whether `update_masks` needs `grow_grad` (the trainer then supplies a dense gradient)."""
     return False
 
-  def penalty_sets(self, sstate: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+  def penalty_sets(self, sstate: rules.State) -> tuple[list[Any], list[Any]]:
     """Per sparse layer, membership of the forward and the trained set in the params' layout."""
     raise NotImplementedError
 
-  def penalty_weights(self, sstate: dict[str, Any]) -> list[jax.Array] | None:
+  def penalty_weights(self, sstate: rules.State) -> list[jax.Array] | None:
     """The rule's per-weight penalty weights in the params' layout; None without a penalty."""
     if self.rule.penalty is None:
       return None
@@ -128,7 +128,7 @@ class Execution:
       for layer, f, t in zip(self.rule.layers, forward, trained, strict=True)
     ]
 
-  def param_grads(self, sstate: dict[str, Any], params: Any, g_fwd: Any) -> Any:
+  def param_grads(self, sstate: rules.State, params: Any, g_fwd: Any) -> Any:
     """g_fwd plus the penalty's gradient (2 lambda w theta), on the trained set."""
     weights = self.penalty_weights(sstate)
     if weights is not None:
@@ -140,7 +140,7 @@ class Execution:
       g_fwd = rule.as_tree(reg, base=g_fwd)
     return self.restrict_updates(sstate, g_fwd)
 
-  def loss_penalty(self, sstate: dict[str, Any], params: Any) -> jax.Array:
+  def loss_penalty(self, sstate: rules.State, params: Any) -> jax.Array:
     """lambda * sum(w theta^2): the penalty whose gradient `param_grads` adds."""
     weights = self.penalty_weights(sstate)
     if weights is None:
@@ -157,7 +157,7 @@ class Masked(Execution):
 
   name = 'masked'
 
-  def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
+  def init(self, params: Any, rng: jax.Array) -> tuple[rules.State, Any]:
     """Initial masks with exact counts; returns (sstate, params masked and optionally rescaled)."""
     rule = self.rule
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
@@ -175,18 +175,18 @@ class Masked(Execution):
       params = rule.map_masked(rules.rescale_fan_in, params, sstate.masks)
     return sstate, self.commit_params(sstate, params)
 
-  def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
+  def forward_params(self, sstate: rules.State, params: Any) -> Any:
     """The weights the forward pass uses: masked weights are exactly zero."""
     return self.rule.map_masked(
       lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, sstate.masks
     )
 
-  def commit_params(self, sstate: dict[str, Any], params: Any) -> Any:
+  def commit_params(self, sstate: rules.State, params: Any) -> Any:
     """The params after init or a mask update: inactive weights 0 (regrown ones start at 0),
     unless the rule keeps them (Top-KAST's theta)."""
     return params if self.rule.keeps_inactive else self.forward_params(sstate, params)
 
-  def context(self, sstate: dict[str, Any]) -> contextlib.AbstractContextManager:
+  def context(self, sstate: rules.State) -> contextlib.AbstractContextManager:
     del sstate
     return self.rule.capture()
 
@@ -199,7 +199,7 @@ class Masked(Execution):
     rule = self.rule
     return rule.per_layer(sstate.masks), rule.per_layer(getattr(sstate, rule.trained_key))
 
-  def restrict_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
+  def restrict_updates(self, sstate: rules.State, updates: Any) -> Any:
     return self.rule.map_masked(
       lambda u, m: jnp.where(m, u, jnp.zeros_like(u)),
       updates,
@@ -263,19 +263,19 @@ class Masked(Execution):
     )
     return sstate, self.commit_params(sstate, params), rule.zero_opt_state(opt_state, entered)
 
-  def masked_sstate(self, sstate: dict[str, Any]) -> dict[str, Any]:
+  def masked_sstate(self, sstate: rules.MaskState) -> rules.MaskState:
     """The state in masked form (for metrics and summaries): itself."""
     return sstate
 
-  def to_masked(self, sstate: dict[str, Any], params: Any, *others: Any) -> tuple:
+  def to_masked(self, sstate: rules.State, params: Any, *others: Any) -> tuple:
     """(sstate, params, others...) in masked form: themselves."""
     return sstate, params, *others
 
-  def from_masked(self, sstate: dict[str, Any], params: Any, *others: Any) -> tuple:
+  def from_masked(self, sstate: rules.State, params: Any, *others: Any) -> tuple:
     """The inverse of `to_masked`: themselves."""
     return sstate, params, *others
 
-  def check_masked(self, sstate: dict[str, Any]) -> None:
+  def check_masked(self, sstate: rules.State) -> None:
     """Whether a concrete masked state fits this layout: any masks do."""
     del sstate
 
@@ -318,7 +318,7 @@ class BlockSparse(Execution):
     return self.rule.needs_dense_grad and self.rule.changes_masks and bool(self.rule.layers)
 
   # ----- conversions
-  def from_masked(self, sstate: dict[str, Any], params: Any, *others: Any) -> tuple:
+  def from_masked(self, sstate: rules.State, params: Any, *others: Any) -> tuple:
     """Masked (sstate, params, others...) -> block-sparse: the trained set becomes 'rows'."""
     rule = self.rule
     first = sstate.masks if self.prefix else None
@@ -340,11 +340,11 @@ class BlockSparse(Execution):
     )
     return sstate_b, params_b, *others
 
-  def to_masked(self, sstate_b: dict[str, Any], params_b: Any, *others: Any) -> tuple:
+  def to_masked(self, sstate_b: BlockState, params_b: Any, *others: Any) -> tuple:
     """The inverse of `from_masked` (`unpack_state`)."""
     return unpack_state(sstate_b, params_b, self.shapes, self.block, self.forward, *others)
 
-  def check_masked(self, sstate: dict[str, Any]) -> None:
+  def check_masked(self, sstate: rules.State) -> None:
     """Raises ValueError unless a concrete masked state's sets are whole blocks with this plan's
     K per block-column (a masked run resumes block-sparse only if its plan was balanced)."""
     rule = self.rule
@@ -364,16 +364,16 @@ class BlockSparse(Execution):
             f"'{key}', the block-sparse plan {k}; it cannot resume block-sparse"
           )
 
-  def masked_sstate(self, sstate_b: dict[str, Any]) -> dict[str, Any]:
+  def masked_sstate(self, sstate_b: BlockState) -> rules.MaskState:
     """The sparsity state with the masks rebuilt from 'rows' (for metrics and summaries)."""
     return masked_state(sstate_b, self.shapes, self.block, self.forward)
 
   # ----- the step
-  def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
+  def init(self, params: Any, rng: jax.Array) -> tuple[rules.State, Any]:
     """The rule's exact-count balanced masks, packed: (sstate with 'rows', block params)."""
     return self.from_masked(*self.masked.init(params, rng))
 
-  def context(self, sstate: dict[str, Any]) -> contextlib.ExitStack:
+  def context(self, sstate: rules.State) -> contextlib.ExitStack:
     """Block-sparse layers; for GSE inside its capture (Flax runs the interceptor entered last
     first, and the block-sparse one does not call the layer it replaces)."""
     return self._rows_context(sstate.rows)
@@ -394,7 +394,7 @@ class BlockSparse(Execution):
     )
     return lambda: self._rows_context(rows)
 
-  def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
+  def forward_params(self, sstate: rules.State, params: Any) -> Any:
     """The stored blocks are the forward weights (run them under `context`)."""
     del sstate
     return params
@@ -409,7 +409,7 @@ class BlockSparse(Execution):
     ]
     return forward, [True] * len(rule.layers)
 
-  def restrict_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
+  def restrict_updates(self, sstate: rules.State, updates: Any) -> Any:
     """Only the trained blocks are stored: nothing to zero."""
     del sstate
     return updates
@@ -444,7 +444,7 @@ class BlockSparse(Execution):
       rule.schedule.is_update(step), run, lambda o: o, (sstate, params, opt_state)
     )
 
-  def masked_params(self, sstate_b: dict[str, Any], params_b: Any) -> Any:
+  def masked_params(self, sstate_b: BlockState, params_b: Any) -> Any:
     """Block params expanded to dense kernels (zero outside the stored blocks)."""
     return to_masked_state(params_b, sstate_b.rows, self.shapes)[0]
 
@@ -518,7 +518,7 @@ def convert_state(state: Any, source: Execution, target: Execution, check: bool 
 def sparse_apply(
   rule: rules.Rule,
   tx: optax.GradientTransformation,
-  sstate: dict[str, Any],
+  sstate: rules.State,
   params: Any,
   opt_state: Any,
   g_fwd: Any,
@@ -526,7 +526,7 @@ def sparse_apply(
   rng: jax.Array | None = None,
   aux: Any = None,
   dense_grad: Callable[[Any], Any] | None = None,
-) -> tuple[dict[str, Any], Any, Any]:
+) -> tuple[rules.State, Any, Any]:
   """One optimizer step of the sparse params and the mask update: (sstate, params, opt_state).
 
   `g_fwd` are the gradients w.r.t. `rule.forward_params(sstate, params)`; `aux` GSE's captured

@@ -37,6 +37,9 @@ from sift_jax.sparsity.plan import Layer, check_level, exact_count, fill_densiti
 from sift_jax.sparsity.schedules import DropSchedule, UpdateSchedule, cubic_counts, end_step
 
 Densities = Mapping[tuple[str, ...], float]
+# A rule's state: a MaskState (TopKASTState) under masked execution, an execution.BlockState
+# (PrefixBlockState) under block-sparse execution.
+State = Any
 
 
 class FlopCounts(Protocol):
@@ -280,34 +283,34 @@ class Rule:
     return contextlib.nullcontext()
 
   # ----- the step, through the execution (masked or block-sparse state)
-  def init(self, params: Any, rng: jax.Array) -> tuple[dict[str, Any], Any]:
+  def init(self, params: Any, rng: jax.Array) -> tuple[State, Any]:
     """Initial masks with exact counts; returns (sstate, params as the execution stores them)."""
     return self.execution.init(params, rng)
 
-  def forward_params(self, sstate: dict[str, Any], params: Any) -> Any:
+  def forward_params(self, sstate: State, params: Any) -> Any:
     """The weights the forward pass uses (run the model inside `execute(sstate)`)."""
     return self.execution.forward_params(sstate, params)
 
-  def execute(self, sstate: dict[str, Any]) -> contextlib.AbstractContextManager:
+  def execute(self, sstate: State) -> contextlib.AbstractContextManager:
     """The context the model's apply runs in (block-sparse layers, GSE's capture)."""
     return self.execution.context(sstate)
 
-  def param_grads(self, sstate: dict[str, Any], params: Any, g_fwd: Any) -> Any:
+  def param_grads(self, sstate: State, params: Any, g_fwd: Any) -> Any:
     """Gradients w.r.t. the params from those w.r.t. the forward weights, on the trained set."""
     return self.execution.param_grads(sstate, params, g_fwd)
 
-  def restrict_updates(self, sstate: dict[str, Any], updates: Any) -> Any:
+  def restrict_updates(self, sstate: State, updates: Any) -> Any:
     """Optimizer updates zeroed outside the trained set (after the optimizer: momentum and
     decoupled weight decay never move an inactive weight)."""
     return self.execution.restrict_updates(sstate, updates)
 
-  def loss_penalty(self, sstate: dict[str, Any], params: Any) -> jax.Array:
+  def loss_penalty(self, sstate: State, params: Any) -> jax.Array:
     """The rule's regulariser, for reporting (`param_grads` already adds its gradient)."""
     return self.execution.loss_penalty(sstate, params)
 
   def update_masks(
     self,
-    sstate: dict[str, Any],
+    sstate: State,
     params: Any,
     g_fwd: Any,
     opt_state: Any,
@@ -315,7 +318,7 @@ class Rule:
     rng: jax.Array | None = None,
     aux: Any = None,
     grow_grad: Any = None,
-  ) -> tuple[dict[str, Any], Any, Any]:
+  ) -> tuple[State, Any, Any]:
     """The mask update when the schedule says so (after the optimizer step, under lax.cond).
 
     `aux`: GSE's captured layer inputs and output gradients; `grow_grad`: a function returning
@@ -324,7 +327,7 @@ class Rule:
     """
     return self.execution.update_masks(sstate, params, g_fwd, opt_state, step, rng, aux, grow_grad)
 
-  def metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
+  def metrics(self, sstate: State) -> dict[str, jax.Array]:
     """Density, churn and in-time over-parameterisation of the state (`mask_metrics`)."""
     return self.mask_metrics(self.execution.masked_sstate(sstate))
 
@@ -385,7 +388,7 @@ class Rule:
     steps = self.schedule.steps()
     return bool(steps) and step <= steps[-1]
 
-  def mask_metrics(self, sstate: dict[str, Any]) -> dict[str, jax.Array]:
+  def mask_metrics(self, sstate: State) -> dict[str, jax.Array]:
     """Global and per-layer density of the forward masks, churn and in-time over-parameterisation,
     from a masked-form state."""
     if not self.layers:
