@@ -166,6 +166,8 @@ def build_rule(
 def with_execution(rule: Rule, execution_name: str) -> Rule:
   """The same rule (name, options, params) under another execution: a state of either converts
   to the other (`convert_state`). Rebuilt, since block_sparse plans balanced masks."""
+  if rule.build_args is None:
+    raise ValueError('with_execution rebuilds a rule made by build_rule or make_rule')
   name, params_shapes, sparse_paths, options = rule.build_args
   return build_rule(name, params_shapes, sparse_paths, **{**options, 'execution': execution_name})
 
