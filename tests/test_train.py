@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sift_jax import config_lib, errors, health, train
+from sift_jax import config_lib, errors, health, steps, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -508,7 +508,7 @@ def test_eval_of_a_non_finite_state_fails(tmp_path, monkeypatch):
   c = tiny_config()
   train.train_and_evaluate(c, str(tmp_path))
   monkeypatch.setattr(
-    train, 'evaluate', lambda *a: {'eval/loss': float('nan'), 'eval/accuracy': 0.1}
+    steps, 'evaluate', lambda *a: {'eval/loss': float('nan'), 'eval/accuracy': 0.1}
   )
   with pytest.raises(health.NonFiniteLossError, match=r'eval/loss=nan at step 6'):
     train.train_and_evaluate(c, str(tmp_path), mode='eval')
