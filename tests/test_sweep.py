@@ -169,7 +169,9 @@ def test_print_commands_prints_one_trainer_line_per_run_of_the_shard(tmp_path):
   assert lines[1].endswith(f'--workdir={tmp_path}/study/runs/seed-1')
 
 
-@pytest.mark.parametrize('listing', ['--print_commands', '--dry_run'])
+@pytest.mark.parametrize(
+  'listing', [pytest.param('--print_commands', marks=pytest.mark.slow), '--dry_run']
+)
 def test_a_listing_piped_into_head_ends_quietly(tmp_path, listing):
   path = write_sweep(tmp_path)
   with open(path) as f:
@@ -305,6 +307,7 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
   assert os.path.exists(tmp_path / 'runs/seed-0/summary.json')
 
 
+@pytest.mark.slow  # the lock it relies on: test_a_lock_counts_only_while_its_process_lives
 def test_two_sweeps_on_one_file_share_the_runs(finished, tmp_path):
   path = write_sweep(tmp_path)
   procs = [
@@ -336,7 +339,9 @@ def final_params(workdir: str):
 @pytest.mark.parametrize(
   'victim',
   [
-    'sweep',  # the trainer gets SIGTERM from the dying sweep, checkpoints and exits
+    # The trainer gets SIGTERM from the dying sweep, checkpoints and exits (-m slow: the
+    # trainer's SIGTERM and resume run by default in test_train.py and test_scale.py).
+    pytest.param('sweep', marks=pytest.mark.slow),
     pytest.param('group', marks=pytest.mark.slow),  # sweep and trainer at once: a machine crash
   ],
 )
