@@ -242,6 +242,7 @@ def launch_and_match_one_device(tmp_path, c, name: str, devices: int) -> None:
   np.testing.assert_allclose(losses(tmp_path / 'one'), losses(tmp_path / name), rtol=2e-5)
 
 
+@pytest.mark.slow  # the launcher's 2-process run is in test_scripts.py's default run
 def test_two_processes_through_the_launcher_match_one_process(tmp_path):
   launch_and_match_one_device(tmp_path, scale_config(), 'two', devices=1)
   assert_close_params(read_params(tmp_path / 'one'), read_params(tmp_path / 'two'))
@@ -281,6 +282,7 @@ def wait_for(predicate, proc, what: str, timeout: float = 300) -> None:
     time.sleep(0.05)
 
 
+@pytest.mark.slow  # default run: test_train.py's SIGTERM at the next step, then resume tests
 def test_sigterm_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path):
   steps = ['--config.total_steps=300', '--config.checkpoint_every_steps=100']
   straight = run_mlp(tmp_path / 'straight', *steps)
