@@ -64,7 +64,7 @@ def test_grain_batches_are_the_thread_batches_for_any_worker_count_and_start():
   reference = images_lib.ImageDataset(make_config(), source, source, IMAGENET_LIKE)
   want = [reference.train_batch(step) for step in range(5)]
   assert not np.array_equal(want[0]['image'], want[1]['image'])
-  for workers in (0, 1, 2):
+  for workers in (0, 2):  # one worker: the registered-dataset test below
     d = images_lib.ImageDataset(make_config(workers), source, source, IMAGENET_LIKE)
     assert_batches_equal(take(d, 0, 5), want)
     assert_batches_equal(take(d, 3, 2), want[3:])  # resumed at step 3 from the step alone
