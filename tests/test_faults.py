@@ -175,15 +175,7 @@ def test_a_by_hand_rerun_of_a_finished_sweep_run_leaves_the_sweep_done(tmp_path)
 
 def test_a_second_trainer_on_a_workdir_stops_at_once_naming_the_first(tmp_path):
   first = subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'sift_jax.main',
-      *FLAGS,
-      '--config.total_steps=100000',
-      '--config.checkpoint_every_steps=100000',
-      f'--workdir={tmp_path}',
-    ],
+    [*command(tmp_path), '--config.total_steps=100000', '--config.checkpoint_every_steps=100000'],
     cwd=REPO,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,

@@ -321,8 +321,9 @@ def test_sigkill_after_a_checkpoint_then_rerun_equals_an_uninterrupted_run(tmp_p
   assert_trees_equal(final_params(tmp_path / 'straight'), final_params(workdir))
 
 
-def start_mlp_run(workdir, *flags: str) -> subprocess.Popen:
-  """`sift_jax.main` on the small digits MLP in the background, output captured."""
+def start_mlp_run(workdir, *flags: str, cwd=REPO) -> subprocess.Popen:
+  """`sift_jax.main` on the small digits MLP in the background, output captured; workdir None:
+  main's own default, a new runs/<name>_<time> under `cwd`."""
   return subprocess.Popen(
     [
       sys.executable,
@@ -332,9 +333,9 @@ def start_mlp_run(workdir, *flags: str) -> subprocess.Popen:
       '--config.data.name=digits',
       '--config.model.hidden=(32,)',
       *flags,
-      f'--workdir={workdir}',
+      *([f'--workdir={workdir}'] if workdir else []),
     ],
-    cwd=REPO,
+    cwd=cwd,
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -362,22 +363,12 @@ def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path):
 
 def test_after_sigterm_the_hint_names_the_workdir_the_run_was_given(tmp_path):
   # No --workdir: "rerun the same command" would start a new runs/<name>_<time> folder.
-  proc = subprocess.Popen(
-    [
-      sys.executable,
-      '-m',
-      'sift_jax.main',
-      f'--config={REPO}/configs/mlp_fashion_mnist.py:local',
-      '--config.data.name=digits',
-      '--config.model.hidden=(32,)',
-      '--config.total_steps=100000',
-      '--config.checkpoint_every_steps=100000',
-      '--config.log_every_steps=10',
-    ],
+  proc = start_mlp_run(
+    None,
+    '--config.total_steps=100000',
+    '--config.checkpoint_every_steps=100000',
+    '--config.log_every_steps=10',
     cwd=tmp_path,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
   )
   deadline = time.time() + 300
   while time.time() < deadline and not list(tmp_path.glob('runs/*/metrics.jsonl')):
