@@ -106,7 +106,11 @@ def test_launcher_relays_the_run_not_the_collectives_chatter(tmp_path):
   )
   lines = (out.stdout + out.stderr).strip().splitlines()
   assert '[Gloo]' not in out.stdout + out.stderr
-  assert [line.split()[:2] for line in lines] == [['[p0]', 'step'], ['[p0]', 'step']], lines
+  assert [line.split()[:2] for line in lines] == [
+    ['[p0]', 'compiled'],  # the train step's compile time, before the first log step
+    ['[p0]', 'step'],
+    ['[p0]', 'step'],
+  ], lines
   assert (tmp_path / 'run' / 'summary.json').is_file()
   gloo = '[Gloo] Rank 1 is connected to 3 peer ranks. Expected number of connected peer ranks is : '
   assert launch.is_chatter(gloo + '3\n') and not launch.is_chatter(gloo + '4\n')
