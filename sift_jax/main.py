@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
   except train.Preempted as e:
     print(str(e), flush=True)
     sys.exit(0)
-  except (ValueError, FileNotFoundError, errors.UserError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, errors.UserError) as e:
     config_lib.fail(str(e))
 
 
