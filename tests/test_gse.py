@@ -159,6 +159,7 @@ def harness() -> ConvHarness:
   return ConvHarness(gse_gamma=4.0)
 
 
+@pytest.mark.slow  # compiles GSE's conv update (166 s at load 18); MLP GSE updates run by default
 def test_gse_conv_grows_numpy_top_gradients():
   """All inactive positions are candidates, so GSE grows exactly the top alpha * active
   |dL/dW| of jax.grad among them and prunes the smallest |w| of the old active ones."""

@@ -117,6 +117,7 @@ def test_launcher_relays_the_run_not_the_collectives_chatter(tmp_path):
   assert not launch.is_chatter('[Gloo] Rank 1 is NOT connected to: [2]\n')
 
 
+@pytest.mark.slow  # a study's run.sh: its flags reach every run (the sweeps have their own tests)
 def test_mlp_rules_experiment_passes_flags_through(tmp_path):
   out = run(
     ['bash', os.path.join(REPO, 'experiments/mlp_rules/run.sh'), str(tmp_path / 'out'), *TINY_MLP],
@@ -139,6 +140,7 @@ BENCHMARKS = [
     ['step_time.py', '--cases=gpt_local', '--steps=1', '--windows=1', '--batch_size=8'],
     'gpt_local',
     id='step_time',
+    marks=pytest.mark.slow,
   ),
   pytest.param(
     ['step_time_conv.py', '--batch=2', '--variants=default', '--repeats=1'],

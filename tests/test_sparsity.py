@@ -560,7 +560,10 @@ def test_gmp_reaches_target_exactly_at_its_last_update():
 ODD_SHAPES = ((3, 5), (5, 7), (7, 15), (5, 23), (5, 10), (11, 5))
 
 
-@pytest.mark.parametrize('rule_name', ['rigl', 'topkast', 'gmp'])
+# RigL and Top-KAST under -m slow: their counts are held in test_rule_invariants and test_train.
+@pytest.mark.parametrize(
+  'rule_name', [*(pytest.param(r, marks=pytest.mark.slow) for r in ('rigl', 'topkast')), 'gmp']
+)
 def test_every_rule_holds_the_plans_exact_count(rule_name):
   params = {
     f'l{i}': {'kernel': jax.random.normal(jax.random.PRNGKey(i), shape)}
@@ -608,7 +611,8 @@ def test_block_masks_keep_blocks_whole():
 # ----- the one-call wrapper
 
 
-@pytest.mark.parametrize('rule_name', ['rigl', 'topkast'])
+# RigL through wrap_optax by default: README's example (tests/test_readme.py).
+@pytest.mark.parametrize('rule_name', [pytest.param('rigl', marks=pytest.mark.slow), 'topkast'])
 def test_wrap_optax_trains_at_exact_density(rule_name):
   model = MLP((32, 32, 4))
   x = jax.random.normal(jax.random.PRNGKey(0), (64, 12))
@@ -817,6 +821,7 @@ SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # default run: test_scale.py's masks after a RigL update, fsdp against one device
 def test_sharded_update_equals_unsharded():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   res = subprocess.run(
