@@ -290,6 +290,7 @@ def test_a_longer_run_makes_a_finished_run_resume_and_another_config_conflict(fi
   assert 'optim.lr: 0.05 -> 0.5' in detail
 
 
+@pytest.mark.slow  # trains a sweep of its own (51 s at load 18)
 def test_a_failing_run_does_not_stop_the_sweep(tmp_path):
   path = tmp_path / 'sweep.py'
   path.write_text(
