@@ -82,3 +82,22 @@ def test_summary_json_names_the_layers_that_drift(tmp_path):
   assert drift and all(d['realised'] - d['target'] > 0.01 for d in drift.values())
   for name, d in drift.items():
     assert summary['sparsity/layer_density'][name] == pytest.approx(d['realised'])
+
+
+def test_the_plan_line_of_a_drifting_plan_is_a_warning(caplog):
+  """The trainer shows warnings only (INFO is hidden by default): a drift must reach the log."""
+  from sift_jax import sparsity
+
+  params = {'Dense_0': {'kernel': jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}}
+  with caplog.at_level('INFO'):
+    sparsity.build_rule(
+      'static',
+      params,
+      [('Dense_0', 'kernel')],
+      level=0.9,
+      total_steps=10,
+      block_shape=(64, 64),
+      balanced=True,
+    )
+  (record,) = [r for r in caplog.records if 'Dense_0/kernel' in r.getMessage()]
+  assert record.levelname == 'WARNING'

@@ -143,7 +143,9 @@ def build_rule(
     )
   if layers:
     line = describe(layers)
-    (logging.warning if any(layer.floored for layer in layers) else logging.info)(line)
+    # A layer floored at one block or off its target density changes the model's cost: say so.
+    off = any(layer.floored or layer.drifts for layer in layers)
+    (logging.warning if off else logging.info)(line)
   made = cls(params_shapes, layers, total_steps=total_steps, **rule_options)
   made.execution  # noqa: B018 (built now: a plan it cannot run raises here, naming the layer)
   made.build_args = (
