@@ -96,3 +96,16 @@ def test_relative_links_resolve_to_files_and_headings(path):
       if anchor not in {slug(h) for h in headings}:
         broken.append(target)
   assert broken == [], f'{path}: broken links {broken}'
+
+
+@pytest.mark.parametrize('path', DOCS)
+def test_named_modules_and_commands_exist(path):
+  """`sift_jax/<module>.py` paths and `python -m sift_jax.<module>` commands name real files."""
+  text = read(path)
+  files = set(re.findall(r'\bsift_jax/[\w/]+\.py\b', text))
+  files |= {
+    'sift_jax/' + m.replace('.', '/') + '.py'
+    for m in re.findall(r'python -m sift_jax\.([\w.]+)', text)
+  }
+  missing = sorted(f for f in files if not os.path.isfile(os.path.join(REPO, f)))
+  assert missing == [], f'{path} names files that do not exist: {missing}'
