@@ -21,7 +21,6 @@ import optax
 
 from sift_jax import (
   checkpointing,
-  config_lib,
   data,
   flops,
   models,
@@ -29,6 +28,7 @@ from sift_jax import (
   sharding,
   sparsity,
   steps,
+  validation,
 )
 from sift_jax.models.layers import sparse_kernel_paths
 from sift_jax.sift import report as sift_report
@@ -36,7 +36,7 @@ from sift_jax.state import TrainState
 
 
 def validate_config(c: ml_collections.ConfigDict, meta: Mapping[str, Any] | None = None) -> None:
-  """Checks the step counts and grad_accum_steps, then config_lib.validate's names (first, before
+  """Checks the step counts and grad_accum_steps, then validation.validate's names (first, before
   any data loads), ranges and block programs; each subsystem checks the rest of its group."""
   for key in ('total_steps', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
     if not isinstance(c[key], int) or c[key] < 0:
@@ -50,7 +50,7 @@ def validate_config(c: ml_collections.ConfigDict, meta: Mapping[str, Any] | None
     raise ValueError(
       f'optim.grad_accum_steps={accum} must be a positive divisor of batch_size={c.batch_size}'
     )
-  config_lib.validate(c, meta)
+  validation.validate(c, meta)
 
 
 @dataclasses.dataclass(frozen=True)

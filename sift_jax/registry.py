@@ -44,3 +44,5 @@ OPTIMIZERS = Registry('optimizer')
 RULES = Registry('sparsity rule')
 DISTRIBUTIONS = Registry('sparsity distribution')
 SIFT_MEMBERS = Registry('sift member')
+# Filled by sift_jax.sparsity.execution (masked, block_sparse); here so rules need not import it.
+EXECUTIONS = Registry('sparsity execution')

@@ -204,10 +204,12 @@ def check_runs(runs: list[Run]) -> list[Run]:
   """Builds and checks every run's config before anything trains; returns the runs less the
   duplicates, each said on a line.
 
-  Unknown keys (with the closest known one), unknown names (config_lib.validate) and bad values
+  Unknown keys (with the closest known one), unknown names (validation.validate) and bad values
   raise one ConfigError naming the runs. Runs that resolve to the same config ({'sparsity': 0.5}
   and {'sparsity': 0.5, 'rule': 'static'}) would train the same thing twice: the first is kept.
   """
+  from sift_jax import validation  # builds models: loaded when a sweep checks, not to list one
+
   problems: dict[str, list[str]] = {}
   first: dict[str, Run] = {}
   unique = []
@@ -215,7 +217,7 @@ def check_runs(runs: list[Run]) -> list[Run]:
     try:
       config_lib.config_from_argv(['sweep', *run.argv()])  # unknown keys, with the closest one
       config = resolve_config(run)
-      config_lib.validate(config)
+      validation.validate(config)
     except (UserError, ValueError, flags.Error) as e:
       problems.setdefault(str(e), []).append(run.name)
       continue

@@ -73,7 +73,7 @@ def test_an_untransformed_sparse_model_is_never_labelled_dense(tmp_path, levels_
   """sift.name 'dense' means no Sparse-IFT transformation: beside a sparsity the report calls it
   sift=none, whether or not the sparsity varies across the study, and keeps 'dense' for the
   dense model and in results.csv."""
-  from sift_jax.analysis import report
+  from sift_jax.analysis import report, tables
 
   runs = [('dense', 'rigl', 0.5), ('wide', 'rigl', 0.5)]
   runs += [('dense', 'dense', 0.0)] if levels_vary else []
@@ -88,7 +88,7 @@ def test_an_untransformed_sparse_model_is_never_labelled_dense(tmp_path, levels_
   assert report.short_label(
     {'sift.name': 'dense', 'sparsity.rule': 'rigl', 'sparsity.level': 0.5}
   ) == ('sift=none / rigl / s=0.5')
-  assert report.label({'sift.name': 'dense', 'sparsity.level': 0.5}) == 'sift=none, s=0.5'
+  assert tables.label({'sift.name': 'dense', 'sparsity.level': 0.5}) == 'sift=none, s=0.5'
   assert 'dense,rigl,0.5' in (tmp_path / 'results.csv').read_text()  # the config's own value
 
 

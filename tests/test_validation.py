@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from sift_jax import config_lib
+from sift_jax import config_lib, validation
 from sift_jax.analysis import report
 from sift_jax.data import build_dataset
 
@@ -75,8 +75,8 @@ def test_label_smoothing_outside_0_1_is_refused(smoothing):
   with pytest.raises(
     config_lib.ConfigError, match=rf'optim.label_smoothing={smoothing} .*\[0, 1\)'
   ):
-    config_lib.validate(digits_config(**{'optim.label_smoothing': smoothing}))
-  config_lib.validate(digits_config(**{'optim.label_smoothing': 0.1}))
+    validation.validate(digits_config(**{'optim.label_smoothing': smoothing}))
+  validation.validate(digits_config(**{'optim.label_smoothing': 0.1}))
 
 
 def block_config(block: tuple[int, int]):
@@ -89,19 +89,19 @@ def block_config(block: tuple[int, int]):
 def test_unit_blocks_under_block_sparse_execution_are_refused_saying_what_is_allowed():
   # Sparse Wide at 0.75: kernels (784, 2048) and (2048, 2048); (1, 1) keeps 196 and 512 per column.
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(block_config((1, 1)), {'num_classes': 10, 'image_shape': (28, 28, 1)})
+    validation.validate(block_config((1, 1)), {'num_classes': 10, 'image_shape': (28, 28, 1)})
   message = str(e.value)
   assert 'block_shape=(1, 1)' in message and 'hidden_1/kernel (2048, 2048): K=512' in message
-  assert f'allowed K <= {config_lib.MAX_BLOCKS_PER_COLUMN}' in message
+  assert f'allowed K <= {validation.MAX_BLOCKS_PER_COLUMN}' in message
   # The block_sparsity study's blocks (16 rows: K = 12 and 32) pass.
-  config_lib.validate(block_config((16, 64)), {'num_classes': 10, 'image_shape': (28, 28, 1)})
+  validation.validate(block_config((16, 64)), {'num_classes': 10, 'image_shape': (28, 28, 1)})
 
 
 def test_unknown_names_suggest_the_closest():
   c = digits_config()
   c.sparsity.rule = 'rigll'
   with pytest.raises(config_lib.ConfigError, match="sparsity.rule='rigll' .*did you mean 'rigl'"):
-    config_lib.validate(c)
+    validation.validate(c)
 
 
 # ------------------------------------------------------------------ item 7: sweeps check first

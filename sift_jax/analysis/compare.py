@@ -45,7 +45,7 @@ import numpy as np
 import scipy.stats
 from absl import app, flags
 
-from sift_jax.analysis.report import SHORT_NAMES, group, label, markdown_table
+from sift_jax.analysis.tables import SHORT_NAMES, group, label, markdown_table
 
 CONFIDENCE = 0.95
 DENSE = 'dense'

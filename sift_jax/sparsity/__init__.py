@@ -30,9 +30,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from sift_jax.registry import DISTRIBUTIONS, RULES
+from sift_jax.registry import DISTRIBUTIONS, EXECUTIONS, RULES
 from sift_jax.sparsity import execution, rules
-from sift_jax.sparsity.execution import EXECUTIONS, convert_state, sparse_apply
+from sift_jax.sparsity.execution import convert_state, sparse_apply
 from sift_jax.sparsity.export import export_sparse, load_sparse
 from sift_jax.sparsity.plan import check_level, describe, make_plan, path_of
 from sift_jax.sparsity.rules import Rule

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sift_jax.registry import Registry
+from sift_jax.registry import EXECUTIONS
 from sift_jax.sparse_layers import (
   block_execution,
   check_balanced,
@@ -65,8 +65,6 @@ from sift_jax.sparse_layers import (
 )
 from sift_jax.sparse_layers.block import rows_mask
 from sift_jax.sparsity import rules
-
-EXECUTIONS = Registry('sparsity execution')
 
 
 def _is_none(x: Any) -> bool:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sift_jax.registry import RULES
+from sift_jax.registry import EXECUTIONS, RULES
 from sift_jax.sparsity import gse, select
 from sift_jax.sparsity.plan import Layer, check_level, exact_count, fill_densities, path_of
 from sift_jax.sparsity.schedules import DropSchedule, UpdateSchedule, cubic_counts, end_step
@@ -176,8 +176,6 @@ class Rule:
     init_rescale: bool = False,
     execution: str = 'masked',
   ) -> None:
-    from sift_jax.sparsity import execution as execution_lib  # it imports this module
-
     self.layers = layers
     flat, self.treedef = jax.tree_util.tree_flatten_with_path(params_shapes)
     self.paths = [path_of(kp) for kp, _ in flat]
@@ -193,7 +191,7 @@ class Rule:
         f'sparsity.rule={self.name()!r} cannot keep balanced masks (sparsity.balanced or '
         f'sparsity.execution=block_sparse); allowed: {", ".join(balanced_rules())}'
       )
-    self._execution_type = execution_lib.EXECUTIONS.get(execution)
+    self._execution_type = EXECUTIONS.get(execution)
 
   @functools.cached_property
   def execution(self) -> Any:
