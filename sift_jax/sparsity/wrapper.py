@@ -62,8 +62,8 @@ def wrap_optax(
   )
   if sparse.needs_aux:
     raise ValueError(
-      f"rule={rule!r} needs each layer's inputs and output gradients: use make_rule (README "
-      '"Sparse training") instead of wrap_optax'
+      f"rule={rule!r} needs each layer's inputs and output gradients: use make_rule "
+      '(docs/library.md, "Sparse training") instead of wrap_optax'
     )
 
   def init(params: Any) -> SparseState:
