@@ -61,8 +61,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
   logging.info('config:\n%s', config)
   try:
-    plugins.record(workdir, _IMPORTS)
-    train.train_and_evaluate(config, workdir, mode=_MODE.value)
+    train.train_and_evaluate(config, workdir, mode=_MODE.value, imports=_IMPORTS)
   except train.Preempted as e:
     print(str(e), flush=True)
     sys.exit(0)

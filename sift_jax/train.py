@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -21,7 +22,17 @@ import ml_collections
 import tqdm
 from absl import logging
 
-from sift_jax import checkpointing, errors, hostmem, launch, preemption, sharding, sparsity, steps
+from sift_jax import (
+  checkpointing,
+  errors,
+  hostmem,
+  launch,
+  plugins,
+  preemption,
+  sharding,
+  sparsity,
+  steps,
+)
 from sift_jax import experiment as experiment_lib
 from sift_jax import metrics as metrics_lib
 from sift_jax import workdir as workdir_lib
@@ -47,9 +58,15 @@ def use_compilation_cache() -> None:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, mode: str = 'train'
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mode: str = 'train',
+  imports: Sequence[str] = (),
 ) -> dict[str, Any]:
   """Trains (or, with mode='eval', evaluates the latest checkpoint); returns the summary.
+
+  `imports`: the modules the command line imported (--import), recorded with the config when
+  training starts (plugins.record) so eval and resume import them again.
 
   Rerunning a finished run leaves its outputs as they are (or rebuilds a missing summary.json
   from its last checkpoint and metrics row) and says so. A full disk, a read-only workdir or a
@@ -65,7 +82,7 @@ def train_and_evaluate(
     hostmem.keep_freed_memory()
   try:
     with preemption.PreemptionGuard() as guard:
-      return run(config, workdir, mode, guard, t_start)
+      return run(config, workdir, mode, guard, t_start, imports)
   except errors.UserError:
     raise
   except Exception as e:
@@ -76,7 +93,12 @@ def train_and_evaluate(
 
 
 def run(
-  config: ml_collections.ConfigDict, workdir: str, mode: str, guard, t_start: float
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  mode: str,
+  guard,
+  t_start: float,
+  imports: Sequence[str] = (),
 ) -> dict[str, Any]:
   """train_and_evaluate's body, inside the preemption guard."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -105,6 +127,7 @@ def run(
         return finished_summary(exp, workdir, state, t_start)
       # Only now, with every check passed and steps left to train, is this config the run's.
       metrics_lib.write_json(os.path.join(workdir, SAVED_CONFIG), json.loads(config.to_json()))
+      plugins.record(workdir, imports)
       if start_step:
         announce(f'resumed from step {start_step} of {config.total_steps} ({ckpt.directory})')
         if saved_total_steps is not None:

@@ -134,3 +134,13 @@ def test_entry_points_are_loaded_at_startup(tmp_path):
     timeout=120,
   )
   assert out.stdout.split() == ["['mine']", 'True'], out.stderr[-2000:]
+
+
+def test_a_refused_config_with_an_import_leaves_no_folder(tmp_path):
+  """imports.json is written with config.json, when training starts, never before the checks."""
+  write_module(tmp_path, 'my_rules', 'mine_static')
+  out = main(
+    '--import=my_rules', *TINY, '--config.sparsity.rule=mine_statik', '--workdir=run', cwd=tmp_path
+  )
+  assert out.returncode == 2 and "did you mean 'mine_static'" in out.stderr, out.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
