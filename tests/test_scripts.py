@@ -233,6 +233,6 @@ def test_study_sweep_lists_its_runs_with_three_seeds_each(sweep_file):
   head = out.stdout.splitlines()[0]
   total = int(re.match(r'(\d+) runs:', head).group(1))
   assert total > 0 and ' 0 conflict' in head, head
-  names = re.findall(r'^\S+\s+(\S+)$', out.stdout, flags=re.M)
+  names = re.findall(r'^\S+\s+([^\s:]+)(?:: .*)?$', out.stdout, flags=re.M)  # 'done  x: recorded'
   per_seed = [sum(n.endswith(f'seed-{s}') for n in names) for s in range(3)]
   assert per_seed[0] * 3 == total and per_seed == [per_seed[0]] * 3, (sweep_file, per_seed)

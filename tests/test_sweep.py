@@ -197,7 +197,8 @@ def test_a_missing_config_file_is_one_clear_error(tmp_path):
   path.write_text("def get_sweep():\n  return {'config': 'configs/nope.py:local'}\n")
   out = run_cli(str(path), '--dry_run')
   assert out.returncode == 2
-  assert "error: config file 'configs/nope.py' not found" in out.stderr
+  assert "error: config file 'configs/nope.py' does not exist" in out.stderr
+  assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_a_lock_counts_only_while_its_process_lives(tmp_path):
